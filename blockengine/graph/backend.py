@@ -1,0 +1,295 @@
+"""Block backends (QEMU's BlockBackend): named attachment points above a root node.
+
+A backend is what a guest device or a tool uses: it holds a permission edge on its
+root node, accounts every request for query-blockstats, and applies the device-level
+policies (read-only device, discard policy).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from ..errors import BlockError, DeviceNotActive, InvalidArgument
+from .child import ChildRole
+from .perms import Perm
+
+ALL_SHARED = Perm.all()
+# qemu-img / qemu-io open images exclusively unless -U (BDRV_O_NO_SHARE)
+NO_SHARE = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
+def _now_ns() -> int:
+    return time.monotonic_ns()
+
+
+class TimedAverage:
+    """QEMU's TimedAverage: min/max/avg over the last ``period`` seconds.
+
+    Two windows overlap by half a period; queries read the older, fuller one.
+    """
+
+    def __init__(self, period_s: int):
+        self.period_ns = period_s * 1_000_000_000
+        now = _now_ns()
+        self.windows = [self._window(now), self._window(now + self.period_ns // 2)]
+        self.windows[1]["expires"] = now + self.period_ns // 2
+
+    def _window(self, now: int) -> dict:
+        return {"min": None, "max": 0, "sum": 0, "count": 0, "expires": now + self.period_ns}
+
+    def _rotate(self, now: int) -> None:
+        for i, w in enumerate(self.windows):
+            if now >= w["expires"]:
+                expires = w["expires"]
+                while expires <= now:
+                    expires += self.period_ns
+                self.windows[i] = self._window(now)
+                self.windows[i]["expires"] = expires
+
+    def account(self, value: int) -> None:
+        self._rotate(_now_ns())
+        for w in self.windows:
+            w["min"] = value if w["min"] is None else min(w["min"], value)
+            w["max"] = max(w["max"], value)
+            w["sum"] += value
+            w["count"] += 1
+
+    def current(self) -> dict:
+        self._rotate(_now_ns())
+        w = min(self.windows, key=lambda w: w["expires"])
+        return w
+
+    def min(self) -> int:
+        return self.current()["min"] or 0
+
+    def max(self) -> int:
+        return self.current()["max"]
+
+    def avg(self) -> int:
+        w = self.current()
+        return w["sum"] // w["count"] if w["count"] else 0
+
+    def sum(self) -> int:
+        return self.current()["sum"]
+
+
+class BlockAcctStats:
+    """Per-backend accounting (block/accounting.c)."""
+
+    KINDS = ("rd", "wr", "flush")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bytes = {"rd": 0, "wr": 0}
+        self.ops = dict.fromkeys(self.KINDS, 0)
+        self.failed = dict.fromkeys(self.KINDS, 0)
+        self.invalid = dict.fromkeys(self.KINDS, 0)
+        self.merged = {"rd": 0, "wr": 0}
+        self.total_time_ns = dict.fromkeys(self.KINDS, 0)
+        self.wr_highest_offset = 0
+        self.last_access_ns: int | None = None
+        self.account_invalid = True
+        self.account_failed = True
+        self.intervals: list[tuple[int, dict[str, TimedAverage]]] = []
+
+    def add_interval(self, seconds: int) -> None:
+        self.intervals.append((seconds, {k: TimedAverage(seconds) for k in self.KINDS}))
+
+    def done(self, kind: str, nbytes: int, start_ns: int) -> None:
+        now = _now_ns()
+        with self.lock:
+            if kind in self.bytes:
+                self.bytes[kind] += nbytes
+            self.ops[kind] += 1
+            self.total_time_ns[kind] += now - start_ns
+            self.last_access_ns = now
+            for _, avgs in self.intervals:
+                avgs[kind].account(now - start_ns)
+
+    def failed_op(self, kind: str, start_ns: int) -> None:
+        now = _now_ns()
+        with self.lock:
+            self.failed[kind] += 1
+            if self.account_failed:
+                self.total_time_ns[kind] += now - start_ns
+                self.last_access_ns = now
+                for _, avgs in self.intervals:
+                    avgs[kind].account(now - start_ns)
+
+    def invalid_op(self, kind: str) -> None:
+        with self.lock:
+            self.invalid[kind] += 1
+            if self.account_invalid:
+                self.last_access_ns = _now_ns()
+
+    def query(self) -> dict:
+        """BlockDeviceStats."""
+        with self.lock:
+            out = {
+                "rd_bytes": self.bytes["rd"], "wr_bytes": self.bytes["wr"],
+                "rd_operations": self.ops["rd"], "wr_operations": self.ops["wr"],
+                "flush_operations": self.ops["flush"],
+                "flush_total_time_ns": self.total_time_ns["flush"],
+                "wr_total_time_ns": self.total_time_ns["wr"],
+                "rd_total_time_ns": self.total_time_ns["rd"],
+                "wr_highest_offset": self.wr_highest_offset,
+                "rd_merged": self.merged["rd"], "wr_merged": self.merged["wr"],
+                "failed_rd_operations": self.failed["rd"],
+                "failed_wr_operations": self.failed["wr"],
+                "failed_flush_operations": self.failed["flush"],
+                "invalid_rd_operations": self.invalid["rd"],
+                "invalid_wr_operations": self.invalid["wr"],
+                "invalid_flush_operations": self.invalid["flush"],
+                "account_invalid": self.account_invalid,
+                "account_failed": self.account_failed,
+                "timed_stats": [self._timed(seconds, avgs) for seconds, avgs in self.intervals],
+            }
+            if self.last_access_ns is not None:
+                out["idle_time_ns"] = _now_ns() - self.last_access_ns
+            return out
+
+    @staticmethod
+    def _timed(seconds: int, avgs: dict) -> dict:
+        out = {"interval_length": seconds}
+        for kind in ("rd", "wr", "flush"):
+            a = avgs[kind]
+            out[f"min_{kind}_latency_ns"] = a.min()
+            out[f"max_{kind}_latency_ns"] = a.max()
+            out[f"avg_{kind}_latency_ns"] = a.avg()
+        period = seconds * 1_000_000_000
+        out["avg_rd_queue_depth"] = avgs["rd"].sum() / period
+        out["avg_wr_queue_depth"] = avgs["wr"].sum() / period
+        return out
+
+
+class BlockBackend:
+    """A device: the named user of a root node.
+
+    ``perm``/``shared`` are what the device takes and shares on its root; tools use
+    exclusive sharing (NO_SHARE) like qemu-img, devices created over QMP share all.
+    """
+
+    def __init__(self, graph, name: str | None = None, *, perm: Perm = Perm.CONSISTENT_READ,
+                 shared: Perm = ALL_SHARED, removable: bool = False,
+                 dev_type: str = "unknown"):
+        self.graph = graph
+        self.name = name
+        self.perm, self.shared = perm, shared
+        self.root = None
+        self.stats = BlockAcctStats()
+        self.removable = removable
+        self.dev_type = dev_type
+        self.tray_open = False
+        self.locked = False
+        self.io_status = "ok"
+        self.read_only_device = not (perm & Perm.WRITE)
+        if name is not None:
+            if name in graph.backends:
+                raise InvalidArgument("Duplicate ID '%s' for drive" % name)
+            if name in graph.nodes:
+                raise InvalidArgument("Device name '%s' conflicts with an existing node name"
+                                      % name)
+            graph.backends[name] = self
+
+    # ---- graph ----------------------------------------------------------------------
+    def parent_desc(self) -> str:
+        return "block device '%s'" % self.name if self.name else "a block device"
+
+    @property
+    def root_node(self):
+        return self.root.node if self.root is not None else None
+
+    def insert(self, node) -> None:
+        """Attach ``node`` as the root (blk_insert_bs)."""
+        if self.root is not None:
+            raise BlockError("Device already has a medium")
+        self.root = self.graph.attach_child(self, node, "root", ChildRole.image(),
+                                            self.perm, self.shared)
+
+    def remove(self) -> None:
+        """Detach the root node (blk_remove_bs)."""
+        if self.root is not None:
+            root, self.root = self.root, None
+            self.graph.detach_child(root)
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.root is not None:
+            self.graph.set_child_perms(self.root, perm, shared)
+        self.perm, self.shared = perm, shared
+
+    def on_root_replaced(self) -> None:
+        """Called after graph surgery; the edge object stays, its node may change."""
+
+    def delete(self) -> None:
+        self.remove()
+        if self.name is not None:
+            self.graph.backends.pop(self.name, None)
+
+    def _node(self, kind: str):
+        node = self.root_node
+        if node is None:
+            self.stats.invalid_op(kind)
+            raise DeviceNotActive("Device '%s' has no medium" % (self.name or ""))
+        return node
+
+    # ---- I/O with accounting ----------------------------------------------------------------
+    def _run(self, kind: str, fn, *args, nbytes: int = 0):
+        start = _now_ns()
+        try:
+            result = fn(*args)
+        except BlockError as e:
+            if e.errno == 22:   # EINVAL: an invalid request, not a failed one
+                self.stats.invalid_op(kind)
+            else:
+                self.stats.failed_op(kind, start)
+            raise
+        self.stats.done(kind, nbytes, start)
+        return result
+
+    def pread(self, offset: int, length: int) -> bytes:
+        node = self._node("rd")
+        return self._run("rd", node.pread, offset, length, nbytes=length)
+
+    def preadv(self, offset: int, buf) -> None:
+        node = self._node("rd")
+        n = memoryview(buf).nbytes
+        self._run("rd", node.preadv, offset, buf, nbytes=n)
+
+    def _check_write(self, offset: int, length: int):
+        node = self._node("wr")
+        if not self.perm & Perm.WRITE:
+            self.stats.invalid_op("wr")
+            raise BlockError("Block node is read-only", errno=1)
+        return node
+
+    def _wrote(self, offset: int, length: int) -> None:
+        with self.stats.lock:
+            self.stats.wr_highest_offset = max(self.stats.wr_highest_offset, offset + length)
+
+    def pwrite(self, offset: int, data, fua: bool = False) -> None:
+        n = memoryview(data).nbytes
+        node = self._check_write(offset, n)
+        self._run("wr", node.pwrite, offset, data, fua, nbytes=n)
+        self._wrote(offset, n)
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        node = self._check_write(offset, length)
+        self._run("wr", node.pwrite_zeroes, offset, length, may_unmap, nbytes=length)
+        self._wrote(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        node = self._check_write(offset, length)
+        node.discard(offset, length)
+
+    def flush(self) -> None:
+        node = self._node("flush")
+        self._run("flush", node.flush)
+
+    def truncate(self, size: int, **kw) -> None:
+        node = self._node("wr")
+        if not self.perm & Perm.RESIZE:
+            raise BlockError("Device does not allow resizing")
+        node.truncate(size, **kw)
+
+    def getlength(self) -> int:
+        return self._node("rd").total_size

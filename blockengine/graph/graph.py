@@ -1,0 +1,375 @@
+"""The block graph: named nodes, devices, and every graph change in one place.
+
+Graph changes (open, attach, detach, replace, insert filter, reopen, delete) happen
+here, under ``Graph.lock``.  Each change that affects permissions runs in two phases
+like QEMU's bdrv_refresh_perms(): plan the new per-edge permissions for every node
+below the change, check them (edge conflicts and, in protocol drivers, other
+processes' image locks), then commit.  A failed check leaves the graph unchanged.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from ..errors import BlockError, DeviceNotFound, InvalidArgument, PermissionConflict
+from .child import BdrvChild, ChildRole
+from .node import BlockNode, validate_node_name
+from .perms import Perm, perm_names
+from . import registry
+
+# options every driver accepts (BlockdevOptionsBase)
+BASE_OPTIONS = ("driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
+                "force-share", "detect-zeroes")
+
+
+class EventSink:
+    """Placeholder bus used until a QMP event bus is attached: drops events."""
+
+    def emit(self, name: str, data: dict) -> None:
+        pass
+
+
+class Graph:
+    def __init__(self, events=None):
+        self.nodes: dict[str, BlockNode] = {}        # by node-name, user and auto names
+        self.backends: dict[str, object] = {}        # BlockBackend by id
+        self.lock = threading.RLock()
+        self.events = events if events is not None else EventSink()
+        self.secrets: dict[str, bytes] = {}          # --object secret,...
+
+    # ---- lookup ---------------------------------------------------------------------
+    def find_node(self, name: str) -> BlockNode | None:
+        return self.nodes.get(name)
+
+    def lookup_node(self, device: str | None = None, node_name: str | None = None
+                    ) -> BlockNode:
+        """bdrv_lookup_bs(): a backend's root by device id, or a node by node-name."""
+        if device is not None:
+            blk = self.backends.get(device)
+            if blk is not None:
+                if blk.root_node is None:
+                    raise BlockError("Device '%s' has no medium" % device)
+                return blk.root_node
+        if node_name is not None:
+            node = self.nodes.get(node_name)
+            if node is not None:
+                return node
+        raise DeviceNotFound("Cannot find device=%s nor node_name=%s"
+                             % (device or "", node_name or ""))
+
+    def user_nodes(self) -> list[BlockNode]:
+        return list(self.nodes.values())
+
+    # ---- opening --------------------------------------------------------------------
+    def open_node(self, options: dict, *, read_only: bool | None = None,
+                  inherit: dict | None = None) -> BlockNode:
+        """Open a node (and its inline children) from BlockdevOptions.
+
+        ``inherit`` carries the parent's read-only/force-share/cache settings to
+        children opened inline, as QEMU's option inheritance does.
+        """
+        with self.lock:
+            options = dict(options)
+            inherit = inherit or {}
+            for key in ("read-only", "force-share", "cache", "auto-read-only"):
+                if key in inherit and key not in options:
+                    options[key] = inherit[key]
+            name = options.get("node-name")
+            if name is not None:
+                validate_node_name(name)
+                if name in self.nodes:
+                    raise InvalidArgument("Duplicate nodes with node-name='%s'" % name)
+                if name in self.backends:
+                    raise InvalidArgument("node-name=%s is conflicting with a device id"
+                                          % name)
+            drv_name = options.get("driver")
+            if drv_name is None:
+                raise InvalidArgument("Parameter 'driver' is missing")
+            driver_cls = registry.get_driver(drv_name)
+            ro = options.get("read-only", False) if read_only is None else read_only
+            if options.get("force-share") and not ro:
+                raise InvalidArgument("force-share=on can only be used with read-only images")
+            node = BlockNode(self, driver_cls, name, options, ro)
+            child_inherit = {"read-only": ro, "force-share": options.get("force-share", False)}
+            if "cache" in options:
+                child_inherit["cache"] = options["cache"]
+            try:
+                for key, role in driver_cls.child_roles(options).items():
+                    ref = options.get(key)
+                    if ref is None or ref == "":
+                        continue
+                    child = self.resolve_ref(ref, child_inherit)
+                    self.attach_child(node, child, key, role)
+                drv_opts = {k: v for k, v in options.items() if k not in BASE_OPTIONS}
+                node.drv.open(drv_opts)
+                if driver_cls.info.supports_backing:
+                    self._open_backing(node, options, child_inherit)
+            except BaseException:
+                self._abandon(node)
+                raise
+            self.nodes[node.node_name] = node
+            return node
+
+    def _open_backing(self, node: BlockNode, options: dict, inherit: dict) -> None:
+        ref = options.get("backing", None)
+        if ref == "" or "backing" in options and ref is None:
+            return   # "backing": "" / null: no backing file
+        if ref is None:
+            ref = node.drv.backing_options()
+            if ref is None:
+                return
+            try:
+                backing = self.open_node(ref, read_only=True,
+                                         inherit={"force-share": inherit.get("force-share",
+                                                                             False)})
+            except BlockError as e:
+                raise type(e)("Could not open backing file: %s" % e, errno=e.errno) from e
+            backing.monitor_owned = False
+        else:
+            backing = self.resolve_ref(ref, {"read-only": True,
+                                             "force-share": inherit.get("force-share")})
+        self.attach_child(node, backing, "backing", ChildRole.COW)
+
+    def resolve_ref(self, ref, inherit: dict) -> BlockNode:
+        """BlockdevRef: an existing node's name, or options of a new node."""
+        if isinstance(ref, str):
+            node = self.nodes.get(ref)
+            if node is None:
+                blk = self.backends.get(ref)
+                node = blk.root_node if blk is not None else None
+            if node is None:
+                raise InvalidArgument("Cannot find device=%s nor node_name=%s" % (ref, ref))
+            return node
+        node = self.open_node(ref, inherit=inherit)
+        node.monitor_owned = False   # lives and dies with its parent
+        return node
+
+    def open_image(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
+                   force_share: bool = False, options: dict | None = None,
+                   backing: bool = True, cache_direct: bool = False,
+                   no_flush: bool = False) -> BlockNode:
+        """Open a file as qemu-img does: probe the format unless given, file protocol."""
+        options = dict(options or {})
+        file_opts = options.pop("file", None) or {"driver": "file", "filename": filename}
+        if isinstance(file_opts, dict) and filename.startswith("json:"):
+            raise InvalidArgument("json: filenames are not supported here")
+        if fmt is None:
+            fmt = options.pop("driver", None)
+        probed = fmt is None
+        inherit = {"read-only": read_only, "force-share": force_share}
+        if cache_direct or no_flush:
+            inherit["cache"] = {"direct": cache_direct, "no-flush": no_flush}
+        if probed:
+            protocol = self.open_node(dict(file_opts), inherit=inherit)
+            try:
+                head = protocol.pread(0, min(registry.PROBE_BYTES, protocol.total_size))
+                fmt = registry.probe_format(head, filename)
+            except BaseException:
+                self.delete_node(protocol)
+                raise
+            protocol.monitor_owned = False
+            file_ref = protocol.node_name
+        else:
+            file_ref = file_opts
+        opts = {"driver": fmt, "file": file_ref, **options, "read-only": read_only,
+                "force-share": force_share}
+        if not backing:
+            opts["backing"] = None
+        if probed:
+            opts["x-probed"] = True
+        if "cache" in inherit:
+            opts["cache"] = inherit["cache"]
+        try:
+            node = self.open_node(opts, inherit=inherit)
+        except BaseException:
+            if probed and protocol.node_name in self.nodes and not protocol.parents:
+                self.delete_node(protocol)
+            raise
+        return node
+
+    # ---- edges and permissions ---------------------------------------------------------
+    def attach_child(self, parent, node: BlockNode, name: str, role: ChildRole,
+                     perm: Perm | None = None, shared: Perm | None = None) -> BdrvChild:
+        """Add an edge parent -> node; refused (graph unchanged) on a permission conflict.
+
+        ``parent`` is a BlockNode (its driver computes the edge's permissions) or a
+        BlockBackend, which passes ``perm``/``shared`` itself.
+        """
+        with self.lock:
+            child = BdrvChild(name, role, parent, node)
+            if perm is not None:
+                child.perm, child.shared = perm, shared
+            node.parents.insert(0, child)
+            if isinstance(parent, BlockNode):
+                parent.children.append(child)
+            try:
+                self.refresh_perms([parent] if isinstance(parent, BlockNode) else [node],
+                                   fixed={child: (child.perm, child.shared)}
+                                   if perm is not None else None)
+            except BaseException:
+                node.parents.remove(child)
+                if isinstance(parent, BlockNode):
+                    parent.children.remove(child)
+                raise
+            return child
+
+    def detach_child(self, child: BdrvChild) -> None:
+        """Remove an edge; the child node is closed when nothing uses it any more."""
+        with self.lock:
+            if isinstance(child.parent, BlockNode):
+                child.parent.children.remove(child)
+            node = child.node
+            node.parents.remove(child)
+            self.refresh_perms([node])
+            self._release(node)
+
+    def set_child_perms(self, child: BdrvChild, perm: Perm, shared: Perm) -> None:
+        """Change what a backend edge takes/shares (e.g. a device becoming writable)."""
+        with self.lock:
+            self.refresh_perms([child.node], fixed={child: (perm, shared)})
+
+    def refresh_perms(self, roots: list, fixed: dict | None = None) -> None:
+        """Recompute, check and commit permissions of every edge below ``roots``."""
+        planned = dict(fixed or {})
+        order = self._descendants_topo(roots)
+        for node in order:
+            perm, shared = node.cumulative_perms(planned)
+            for c in node.children:
+                p, s = node.drv.child_perm(c, perm, shared)
+                if c.node.force_share:
+                    s = Perm.all()
+                planned[c] = (p, s)
+        for node in order:
+            self._check_parents(node, planned)
+            node.drv.check_perm(*node.cumulative_perms(planned))
+        for c, (p, s) in planned.items():
+            c.perm, c.shared = p, s
+        for node in order:
+            node.drv.set_perm(*node.cumulative_perms())
+
+    @staticmethod
+    def _descendants_topo(roots: list) -> list[BlockNode]:
+        seen, post = set(), []
+
+        def visit(node):
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for c in node.children:
+                visit(c.node)
+            post.append(node)
+
+        for r in roots:
+            if isinstance(r, BlockNode):
+                visit(r)
+        return post[::-1]
+
+    @staticmethod
+    def _check_parents(node: BlockNode, planned: dict) -> None:
+        """bdrv_parent_perms_conflict(): every pair of parent edges must agree."""
+        perms = {c: planned.get(c, (c.perm, c.shared)) for c in node.parents}
+        for a in node.parents:
+            for b in node.parents:
+                if a is b:
+                    continue
+                b_perm, a_shared = perms[b][0], perms[a][1]
+                if b_perm & ~a_shared:
+                    raise PermissionConflict(
+                        "Permission conflict on node '%s': permissions '%s' are both "
+                        "required by %s (uses node '%s' as '%s' child) and unshared by "
+                        "%s (uses node '%s' as '%s' child)." % (
+                            node.node_name, perm_names(b_perm & ~a_shared), b.user_desc(),
+                            node.node_name, b.name, a.user_desc(), node.node_name, a.name))
+
+    # ---- graph surgery -----------------------------------------------------------------
+    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """bdrv_replace_node(): every parent of ``old`` (except ``new`` itself) uses ``new``."""
+        with self.lock:
+            moved = [c for c in old.parents if c.parent is not new]
+            for c in moved:
+                old.parents.remove(c)
+                c.node = new
+                new.parents.insert(0, c)
+            try:
+                self.refresh_perms([new, old] + [c.parent for c in moved
+                                                 if isinstance(c.parent, BlockNode)])
+            except BaseException:
+                for c in moved:
+                    new.parents.remove(c)
+                    c.node = old
+                    old.parents.insert(0, c)
+                self.refresh_perms([old])
+                raise
+            for blk in self.backends.values():
+                blk.on_root_replaced()
+
+    def insert_filter(self, filter_node: BlockNode, above: BlockNode) -> None:
+        """Put an already opened filter (whose child is ``above``) above ``above``."""
+        self.replace_node(above, filter_node)
+
+    def reopen(self, node: BlockNode, read_only: bool) -> None:
+        """Switch a node (and children it opened) between read-only and read-write."""
+        with self.lock:
+            if node.read_only == read_only:
+                return
+            old = node.read_only
+            node.read_only = read_only
+            try:
+                node.drv.reopen(read_only)
+                self.refresh_perms([node])
+            except BaseException:
+                node.read_only = old
+                node.drv.reopen(old)
+                raise
+
+    def delete_node(self, node: BlockNode) -> None:
+        """blockdev-del: only for unused nodes the monitor owns (QEMU's messages)."""
+        with self.lock:
+            if not node.monitor_owned:
+                raise BlockError("Node %s is not owned by the monitor" % node.node_name)
+            if node.parents:
+                raise BlockError("Node %s is in use" % node.node_name)
+            self.nodes.pop(node.node_name, None)
+            self._close(node)
+
+    def _close(self, node: BlockNode) -> None:
+        try:
+            node.flush()
+        finally:
+            node.drv.close()
+            for c in list(node.children):
+                node.children.remove(c)
+                c.node.parents.remove(c)
+                self.refresh_perms([c.node])
+                self._release(c.node)
+
+    def _release(self, node: BlockNode) -> None:
+        """Close a node nobody uses and the monitor does not own."""
+        if not node.parents and not node.monitor_owned:
+            self.nodes.pop(node.node_name, None)
+            self._close(node)
+
+    def _abandon(self, node: BlockNode) -> None:
+        """Undo a half-open node's children after its open failed."""
+        for c in list(node.children):
+            node.children.remove(c)
+            c.node.parents.remove(c)
+            self.refresh_perms([c.node])
+            self._release(c.node)
+
+    def close_all(self) -> None:
+        """Close every device and node (as QEMU does at exit)."""
+        with self.lock:
+            for blk in list(self.backends.values()):
+                blk.delete()
+            for node in list(self.nodes.values()):
+                if not node.parents and node.node_name in self.nodes:
+                    self.nodes.pop(node.node_name)
+                    self._close(node)
+
+
+def abspath_like_qemu(base_filename: str, relative: str) -> str:
+    """path_combine(): resolve a backing file name relative to the image's directory."""
+    if relative.startswith("/") or ":" in relative.split("/")[0]:
+        return relative
+    return os.path.join(os.path.dirname(base_filename), relative)

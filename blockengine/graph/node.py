@@ -1,0 +1,419 @@
+"""Block nodes and the generic I/O layer above every driver (QEMU's block.c + io.c).
+
+Theory of operation: a ``BlockNode`` owns one driver instance and edges to children
+(``BdrvChild``).  Every request enters through a node method, which checks bounds,
+aligns it to the driver's request alignment (read-modify-write under the node lock),
+splits it at max_transfer, runs write notifiers (write threshold, dirty bitmaps,
+copy-before-write filters) and only then calls the driver.  All driver calls for one
+node are serialised by ``node.lock``; the file driver is the exception that reads and
+writes without it (pread/pwrite are thread-safe and release the GIL).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+
+from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID,
+                            BLOCK_RAW, BLOCK_RECURSE, BLOCK_ZERO, DriverKind,
+                            PreallocMode, Status)
+from ..errors import BlockError, InvalidArgument, NotSupported
+from ..io.request import align_down, align_up, check_request, chunks, is_aligned
+from .child import BdrvChild, ChildRole
+from .perms import Perm
+
+_NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+_auto_name_counter = itertools.count()
+
+
+def validate_node_name(name: str) -> None:
+    """bdrv_assign_node_name()'s checks, with QEMU's messages."""
+    if not _NODE_NAME_RE.match(name):
+        raise InvalidArgument("Invalid node-name: '%s'" % name)
+    if len(name) > 31:
+        raise InvalidArgument("Node name too long")
+
+
+def auto_node_name() -> str:
+    return "#block%03d" % next(_auto_name_counter)
+
+
+class BlockNode:
+    """A node of the block graph (QEMU's BlockDriverState)."""
+
+    def __init__(self, graph, driver_cls, node_name: str | None, options: dict,
+                 read_only: bool):
+        self.graph = graph
+        self.node_name = node_name or auto_node_name()
+        self.monitor_owned = True    # cleared for children opened inline by a parent
+        self.options = options
+        self.read_only = read_only
+        self.force_share = bool(options.get("force-share", False))
+        self.children: list[BdrvChild] = []
+        self.parents: list[BdrvChild] = []   # newest first, as QEMU's QLIST_INSERT_HEAD
+        self.lock = threading.RLock()
+        self.write_threshold = 0
+        self.dirty_bitmaps: list = []
+        # callables (node, offset, length) run before a write/zero/discard reaches the driver
+        self.before_write_notifiers: list = []
+        cache = options.get("cache", {}) or {}
+        self.cache_direct = bool(cache.get("direct", False))
+        self.cache_no_flush = bool(cache.get("no-flush", False))
+        self.detect_zeroes = options.get("detect-zeroes", "off")
+        self.discard_unmap = options.get("discard", "ignore") == "unmap"
+        self.drv = driver_cls(self)
+
+    # ---- identity ---------------------------------------------------------------
+    @property
+    def driver_name(self) -> str:
+        return self.drv.info.name
+
+    @property
+    def is_format(self) -> bool:
+        return self.drv.info.kind is DriverKind.FORMAT
+
+    @property
+    def is_filter(self) -> bool:
+        return self.drv.info.kind is DriverKind.FILTER
+
+    def parent_desc(self) -> str:
+        return "node '%s'" % self.node_name
+
+    def __repr__(self) -> str:
+        return f"<BlockNode {self.node_name} {self.driver_name}>"
+
+    # ---- children -----------------------------------------------------------------
+    def child(self, name: str) -> BdrvChild | None:
+        for c in self.children:
+            if c.name == name:
+                return c
+        return None
+
+    def file_child_node(self):
+        c = self.child("file")
+        return c.node if c else None
+
+    @property
+    def backing(self) -> "BlockNode | None":
+        c = self.child("backing")
+        return c.node if c else None
+
+    def primary_child(self) -> BdrvChild | None:
+        for c in self.children:
+            if c.role & ChildRole.PRIMARY:
+                return c
+        return None
+
+    def filtered_child(self) -> BdrvChild | None:
+        """The child whose data this node shows unchanged (filters, and raw w/o offset)."""
+        for c in self.children:
+            if c.role & (ChildRole.FILTERED | ChildRole.COW):
+                return c
+        return None
+
+    def cow_child(self) -> BdrvChild | None:
+        for c in self.children:
+            if c.role & ChildRole.COW:
+                return c
+        return None
+
+    # ---- geometry -----------------------------------------------------------------
+    @property
+    def total_size(self) -> int:
+        return self.drv.get_length()
+
+    def getlength(self) -> int:
+        return self.drv.get_length()
+
+    @property
+    def request_alignment(self) -> int:
+        return self.drv.request_alignment()
+
+    def _bound(self) -> int | None:
+        """Protocol nodes grow on writes past EOF (format metadata relies on it)."""
+        if self.drv.info.kind is DriverKind.PROTOCOL:
+            return None
+        return self.total_size
+
+    # ---- permissions (cumulative over parents) -----------------------------------
+    def cumulative_perms(self, planned: dict | None = None) -> tuple[Perm, Perm]:
+        perm, shared = Perm(0), Perm.all()
+        for c in self.parents:
+            p, s = planned.get(c, (c.perm, c.shared)) if planned else (c.perm, c.shared)
+            perm |= p
+            shared &= s
+        return perm, shared
+
+    # ---- I/O: reads -----------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.preadv(offset, memoryview(buf))
+        return bytes(buf)
+
+    def preadv(self, offset: int, buf) -> None:
+        """Read len(buf) bytes at offset into buf (any writable buffer).  Never short."""
+        buf = memoryview(buf).cast("B")
+        length = len(buf)
+        check_request(offset, length, self._bound())
+        if length == 0:
+            return
+        align = self.request_alignment
+        if is_aligned(offset, length, align):
+            self._aligned_read(offset, buf)
+            return
+        start, end = align_down(offset, align), align_up(offset + length, align)
+        bounce = bytearray(end - start)
+        self._aligned_read(start, memoryview(bounce))
+        buf[:] = bounce[offset - start:offset - start + length]
+
+    def _aligned_read(self, offset: int, buf: memoryview) -> None:
+        maxt = self.drv.max_transfer()
+        pos = 0
+        for off, n in chunks(offset, len(buf), maxt):
+            self._locked(self.drv.preadv, off, buf[pos:pos + n])
+            pos += n
+
+    def _locked(self, fn, *args):
+        if getattr(self.drv, "thread_safe", False):
+            return fn(*args)
+        with self.lock:
+            return fn(*args)
+
+    # ---- I/O: writes ----------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise BlockError("Block node is read-only", errno=1)
+
+    def _before_write(self, offset: int, length: int) -> None:
+        for notify in list(self.before_write_notifiers):
+            notify(self, offset, length)
+        if self.write_threshold and offset + length > self.write_threshold:
+            threshold, self.write_threshold = self.write_threshold, 0
+            self.graph.events.emit("BLOCK_WRITE_THRESHOLD", {
+                "node-name": self.node_name,
+                "amount-exceeded": offset + length - threshold,
+                "write-threshold": threshold})
+
+    def _after_write(self, offset: int, length: int) -> None:
+        for bitmap in self.dirty_bitmaps:
+            bitmap.set_range(offset, length)
+
+    def pwrite(self, offset: int, data, fua: bool = False) -> None:
+        """Write all of data at offset (read-modify-write for unaligned edges)."""
+        data = memoryview(data).cast("B")
+        length = len(data)
+        self._check_writable()
+        check_request(offset, length, self._bound())
+        if length == 0:
+            return
+        with self.lock:
+            self._before_write(offset, length)
+            if self.detect_zeroes != "off" and _is_zero(data):
+                self._zero_aligned_middle(offset, length,
+                                          self.detect_zeroes == "unmap" and self.discard_unmap)
+                self._after_write(offset, length)
+                return
+            align = self.request_alignment
+            if is_aligned(offset, length, align):
+                self._aligned_write(offset, data, fua)
+            else:
+                start, end = align_down(offset, align), align_up(offset + length, align)
+                bounce = bytearray(end - start)
+                self._aligned_read(start, memoryview(bounce))
+                bounce[offset - start:offset - start + length] = data
+                self._aligned_write(start, memoryview(bounce), fua)
+            self._after_write(offset, length)
+
+    def _aligned_write(self, offset: int, data: memoryview, fua: bool) -> None:
+        pos = 0
+        for off, n in chunks(offset, len(data), self.drv.max_transfer()):
+            self.drv.pwritev(off, data[pos:pos + n], fua)
+            pos += n
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make the range read as zeroes; falls back to writing zero buffers (ENOTSUP)."""
+        self._check_writable()
+        check_request(offset, length, self._bound())
+        if length == 0:
+            return
+        with self.lock:
+            self._before_write(offset, length)
+            self._zero_aligned_middle(offset, length, may_unmap)
+            self._after_write(offset, length)
+
+    def _zero_aligned_middle(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Zero the aligned middle with the driver, unaligned edges with data writes."""
+        align = self.request_alignment
+        head_end = min(align_up(offset, align), offset + length)
+        tail_start = max(align_down(offset + length, align), head_end)
+        if head_end > offset:
+            self._zero_by_write(offset, head_end - offset)
+        if tail_start > head_end:
+            try:
+                self.drv.pwrite_zeroes(head_end, tail_start - head_end, may_unmap)
+            except NotSupported:
+                self._zero_by_write(head_end, tail_start - head_end)
+        if offset + length > tail_start:
+            self._zero_by_write(tail_start, offset + length - tail_start)
+
+    def _zero_by_write(self, offset: int, length: int) -> None:
+        """Zero a range with data writes (unaligned edges go through RMW)."""
+        zero = bytes(min(length, 1 << 20))
+        align = self.request_alignment
+        for off, n in chunks(offset, length, len(zero)):
+            if is_aligned(off, n, align):
+                self._aligned_write(off, memoryview(zero)[:n], False)
+            else:
+                start, end = align_down(off, align), align_up(off + n, align)
+                bounce = bytearray(end - start)
+                self._aligned_read(start, memoryview(bounce))
+                bounce[off - start:off - start + n] = bytes(n)
+                self._aligned_write(start, memoryview(bounce), False)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Hint that the range is unused; silently ignored where unsupported."""
+        self._check_writable()
+        check_request(offset, length, self._bound())
+        align = self.request_alignment
+        start, end = align_up(offset, align), align_down(offset + length, align)
+        if end <= start:
+            return
+        with self.lock:
+            self._before_write(start, end - start)
+            try:
+                self.drv.discard(start, end - start)
+            except NotSupported:
+                pass
+            self._after_write(start, end - start)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.drv.flush()
+        for c in self.children:
+            c.node.flush()
+
+    def truncate(self, size: int, *, exact: bool = False,
+                 prealloc: PreallocMode = PreallocMode.OFF) -> None:
+        self._check_writable()
+        if size < 0:
+            raise InvalidArgument("Image size cannot be negative")
+        with self.lock:
+            self.drv.truncate(size, exact, prealloc)
+
+    # ---- block status -----------------------------------------------------------------
+    def block_status(self, offset: int, length: int, want_zero: bool = True) -> Status:
+        """bdrv_co_block_status(): status of this node only (backing not consulted).
+
+        Returns the status of the first ``length`` bytes of the range, where the returned
+        length is > 0 unless offset is at the end of the node.
+        """
+        size = self.total_size
+        check_request(offset, length)
+        if offset >= size:
+            return Status(BLOCK_EOF, 0)
+        length = min(length, size - offset)
+        if length == 0:
+            return Status(0, 0)
+        with self.lock:
+            st = self.drv.block_status(offset, length, want_zero)
+        flags, n = st.flags, max(1, min(st.length, length))
+        host_offset, host_node = st.host_offset, st.host_node
+        if flags & BLOCK_RAW:
+            inner = host_node.block_status(host_offset, n, want_zero)
+            return inner._replace(length=min(inner.length, n) or n)
+        if flags & (BLOCK_DATA | BLOCK_ZERO):
+            flags |= BLOCK_ALLOCATED
+        elif self.drv.info.supports_backing:
+            cow = self.cow_child()
+            if cow is None:
+                flags |= BLOCK_ZERO
+            elif want_zero and offset >= cow.node.total_size:
+                flags |= BLOCK_ZERO
+        if (want_zero and flags & BLOCK_RECURSE and host_node is not None
+                and host_node is not self and flags & BLOCK_DATA
+                and not flags & BLOCK_ZERO and flags & BLOCK_OFFSET_VALID):
+            inner = host_node.block_status(host_offset, n, want_zero)
+            if inner.flags & BLOCK_EOF and (not inner.length or inner.flags & BLOCK_ZERO):
+                flags |= BLOCK_ZERO
+            elif inner.length:
+                n = min(n, inner.length)
+                flags |= inner.flags & BLOCK_ZERO
+        if offset + n >= size:
+            flags |= BLOCK_EOF
+        return Status(flags & ~BLOCK_RECURSE, n, host_offset, host_node)
+
+    def block_status_above(self, offset: int, length: int, base=None,
+                           want_zero: bool = True) -> Status:
+        """bdrv_block_status_above(): status through filters and backing files above base.
+
+        Unallocated ranges are resolved in lower layers; a range beyond the end of a
+        shorter backing file reads as allocated zeroes.
+        """
+        st = self.block_status(offset, length, want_zero)
+        if st.length == 0 or st.flags & BLOCK_ALLOCATED or self is base:
+            return st
+        eof = offset + st.length if st.flags & BLOCK_EOF else None
+        length = st.length
+        lower = self.filtered_child()
+        while lower is not None and lower.node is not base:
+            node = lower.node
+            st = node.block_status(offset, length, want_zero)
+            if st.length == 0:
+                st = Status(BLOCK_ZERO | BLOCK_ALLOCATED, length, 0, node)
+                break
+            if st.flags & BLOCK_ALLOCATED:
+                st = st._replace(flags=st.flags & ~BLOCK_EOF)
+                break
+            length = st.length
+            lower = node.filtered_child()
+        if eof is not None and offset + st.length == eof:
+            st = st._replace(flags=st.flags | BLOCK_EOF)
+        return st
+
+    def is_allocated_above(self, offset: int, length: int, base=None) -> tuple[bool, int]:
+        """Whether [offset, offset+n) is allocated in this chain above ``base``."""
+        st = self.block_status_above(offset, length, base, want_zero=False)
+        return bool(st.flags & BLOCK_ALLOCATED), st.length
+
+    # ---- chain helpers ----------------------------------------------------------------
+    def backing_chain(self) -> list["BlockNode"]:
+        chain, node = [], self
+        while node is not None:
+            chain.append(node)
+            node = node.backing
+        return chain
+
+    def skip_filters(self) -> "BlockNode":
+        node = self
+        while node.is_filter and node.filtered_child() is not None:
+            node = node.filtered_child().node
+        return node
+
+    def filename(self) -> str:
+        """QEMU's bs->filename: the file name, or a json: description of the options."""
+        exact = self.drv.refresh_filename()
+        if exact is not None:
+            return exact
+        c = self.primary_child()
+        if c is not None and (self.is_format or self.is_filter) and self.drv.info.name in (
+                "raw",) + tuple(getattr(self.drv, "FILENAME_FROM_FILE", ())):
+            return c.node.filename()
+        if c is not None and self.is_format:
+            return c.node.filename()
+        return "json:" + _json_options(self)
+
+
+def _is_zero(data: memoryview) -> bool:
+    from .. import _native
+    return _native.buffer_is_zero(data, 0, len(data))
+
+
+def _json_options(node) -> str:
+    import json
+    opts = {"driver": node.driver_name}
+    for k, v in node.options.items():
+        if k not in ("node-name", "driver"):
+            opts[k] = v
+    for c in node.children:
+        opts[c.name] = json.loads(_json_options(c.node))
+    return json.dumps(opts, separators=(", ", ": "))

@@ -1,0 +1,41 @@
+"""Request checks shared by every node: bounds, overflow and alignment.
+
+Drivers never see a request that fails these checks; they may assume aligned,
+in-bounds requests (see ``blockengine.drivers.base``).
+"""
+import errno
+
+from ..errors import BlockError, InvalidArgument
+
+MAX_REQUEST_BYTES = (1 << 63) - 1
+
+
+def check_request(offset: int, length: int, size: int | None = None) -> None:
+    """bdrv_check_request(): reject negative, overflowing or (with size) out-of-bounds ranges."""
+    if offset < 0 or length < 0 or offset > MAX_REQUEST_BYTES - length:
+        raise InvalidArgument(f"Invalid request: offset {offset} length {length}",
+                              errno=errno.EINVAL)
+    if size is not None and offset + length > size:
+        raise BlockError(f"Request offset {offset} length {length} beyond end of device "
+                         f"({size} bytes)", errno=errno.EIO)
+
+
+def align_down(value: int, alignment: int) -> int:
+    return value - value % alignment
+
+
+def align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def is_aligned(offset: int, length: int, alignment: int) -> bool:
+    return offset % alignment == 0 and length % alignment == 0
+
+
+def chunks(offset: int, length: int, max_transfer: int):
+    """Split [offset, offset+length) into pieces no larger than max_transfer."""
+    end = offset + length
+    while offset < end:
+        n = min(max_transfer, end - offset)
+        yield offset, n
+        offset += n
