@@ -5,27 +5,36 @@
 """
 from __future__ import annotations
 
-from .graph.backend import ALL_SHARED, NO_SHARE, BlockBackend
+from .graph.backend import ALL_SHARED, NO_SHARE, BlockBackend  # noqa: F401 (re-export)
 from .graph.graph import Graph
 from .graph.perms import Perm
 
 
 class Image:
-    """An opened image: its own graph, the format node, and a backend above it."""
+    """An opened image: its own graph, the format node, and a backend above it.
+
+    ``perm``/``shared`` are what the image's user takes and shares, as qemu-img's
+    commands do (e.g. convert's source: ``shared=NO_SHARE``); by default it reads (and
+    unless read_only writes and resizes) and shares everything, like qemu-io.
+    ``no_io`` opens for metadata only, as ``qemu-img info`` does: no permission taken.
+    """
 
     def __init__(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
                  force_share: bool = False, options: dict | None = None,
                  backing: bool = True, cache_direct: bool = False, no_flush: bool = False,
-                 graph: Graph | None = None, exclusive: bool = True):
+                 graph: Graph | None = None, perm: Perm | None = None,
+                 shared: Perm | None = None, no_io: bool = False):
         self.graph = graph or Graph()
         self.node = self.graph.open_image(filename, fmt, read_only=read_only,
                                           force_share=force_share, options=options,
                                           backing=backing, cache_direct=cache_direct,
-                                          no_flush=no_flush)
-        perm = Perm.CONSISTENT_READ
-        if not read_only:
-            perm |= Perm.WRITE | Perm.RESIZE
-        shared = ALL_SHARED if force_share or not exclusive else NO_SHARE
+                                          no_flush=no_flush, no_io=no_io)
+        if perm is None:
+            perm = Perm(0) if no_io else Perm.CONSISTENT_READ
+            if not read_only:
+                perm |= Perm.WRITE | Perm.RESIZE
+        if shared is None or force_share:
+            shared = ALL_SHARED
         self.backend = BlockBackend(self.graph, perm=perm, shared=shared)
         try:
             self.backend.insert(self.node)

@@ -193,7 +193,7 @@ class BlockBackend:
 
     # ---- graph ----------------------------------------------------------------------
     def parent_desc(self) -> str:
-        return "block device '%s'" % self.name if self.name else "a block device"
+        return "block device '%s'" % self.name if self.name else "an unnamed block device"
 
     @property
     def root_node(self):

@@ -8,6 +8,7 @@ processes' image locks), then commit.  A failed check leaves the graph unchanged
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -19,7 +20,7 @@ from . import registry
 
 # options every driver accepts (BlockdevOptionsBase)
 BASE_OPTIONS = ("driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
-                "force-share", "detect-zeroes")
+                "force-share", "detect-zeroes", "x-no-io")
 
 
 class EventSink:
@@ -71,7 +72,7 @@ class Graph:
         with self.lock:
             options = dict(options)
             inherit = inherit or {}
-            for key in ("read-only", "force-share", "cache", "auto-read-only"):
+            for key in ("read-only", "force-share", "cache", "auto-read-only", "x-no-io"):
                 if key in inherit and key not in options:
                     options[key] = inherit[key]
             name = options.get("node-name")
@@ -90,7 +91,8 @@ class Graph:
             if options.get("force-share") and not ro:
                 raise InvalidArgument("force-share=on can only be used with read-only images")
             node = BlockNode(self, driver_cls, name, options, ro)
-            child_inherit = {"read-only": ro, "force-share": options.get("force-share", False)}
+            child_inherit = {"read-only": ro, "force-share": options.get("force-share", False),
+                             "x-no-io": options.get("x-no-io", False)}
             if "cache" in options:
                 child_inherit["cache"] = options["cache"]
             try:
@@ -147,7 +149,7 @@ class Graph:
     def open_image(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
                    force_share: bool = False, options: dict | None = None,
                    backing: bool = True, cache_direct: bool = False,
-                   no_flush: bool = False) -> BlockNode:
+                   no_flush: bool = False, no_io: bool = False) -> BlockNode:
         """Open a file as qemu-img does: probe the format unless given, file protocol."""
         options = dict(options or {})
         file_opts = options.pop("file", None) or {"driver": "file", "filename": filename}
@@ -156,7 +158,7 @@ class Graph:
         if fmt is None:
             fmt = options.pop("driver", None)
         probed = fmt is None
-        inherit = {"read-only": read_only, "force-share": force_share}
+        inherit = {"read-only": read_only, "force-share": force_share, "x-no-io": no_io}
         if cache_direct or no_flush:
             inherit["cache"] = {"direct": cache_direct, "no-flush": no_flush}
         if probed:
@@ -241,7 +243,10 @@ class Graph:
                 planned[c] = (p, s)
         for node in order:
             self._check_parents(node, planned)
-            node.drv.check_perm(*node.cumulative_perms(planned))
+            perm, shared = node.cumulative_perms(planned)
+            if perm & (Perm.WRITE | Perm.WRITE_UNCHANGED) and node.read_only:
+                raise BlockError("Block node is read-only", errno=errno.EPERM)
+            node.drv.check_perm(perm, shared)
         for c, (p, s) in planned.items():
             c.perm, c.shared = p, s
         for node in order:
@@ -308,19 +313,47 @@ class Graph:
         self.replace_node(above, filter_node)
 
     def reopen(self, node: BlockNode, read_only: bool) -> None:
-        """Switch a node (and children it opened) between read-only and read-write."""
+        """Switch a node, and the non-backing children it opened, to read-only/read-write.
+
+        Like bdrv_reopen_multiple(): all nodes switch, then permissions are refreshed;
+        if anything fails every node goes back to its old mode.
+        """
         with self.lock:
-            if node.read_only == read_only:
-                return
-            old = node.read_only
-            node.read_only = read_only
+            nodes = self._reopen_set(node, read_only)
+            done = []
             try:
-                node.drv.reopen(read_only)
+                for n in nodes:
+                    n.read_only = read_only
+                    n.drv.reopen(read_only)
+                    done.append(n)
                 self.refresh_perms([node])
             except BaseException:
-                node.read_only = old
-                node.drv.reopen(old)
+                for n in done:
+                    n.read_only = not read_only
+                    n.drv.reopen(not read_only)
+                for n in nodes[len(done):]:
+                    n.read_only = not read_only
+                self.refresh_perms([node])
                 raise
+
+    def _reopen_set(self, node: BlockNode, read_only: bool) -> list[BlockNode]:
+        """Nodes to switch, children before parents when becoming writable."""
+        out = []
+
+        def visit(n):
+            if n.read_only == read_only or n in out:
+                return
+            if not read_only:
+                for c in n.children:
+                    if not c.role & ChildRole.COW and not c.node.monitor_owned:
+                        visit(c.node)
+            out.append(n)
+            if read_only:
+                for c in n.children:
+                    if not c.role & ChildRole.COW and not c.node.monitor_owned:
+                        visit(c.node)
+        visit(node)
+        return out
 
     def delete_node(self, node: BlockNode) -> None:
         """blockdev-del: only for unused nodes the monitor owns (QEMU's messages)."""

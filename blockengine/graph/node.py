@@ -49,6 +49,8 @@ class BlockNode:
         self.options = options
         self.read_only = read_only
         self.force_share = bool(options.get("force-share", False))
+        # BDRV_O_NO_IO: opened for metadata only (qemu-img info), takes no read permission
+        self.no_io = bool(options.get("x-no-io", False))
         self.children: list[BdrvChild] = []
         self.parents: list[BdrvChild] = []   # newest first, as QEMU's QLIST_INSERT_HEAD
         self.lock = threading.RLock()

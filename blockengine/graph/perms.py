@@ -64,7 +64,8 @@ def default_child_perm(node, child, perm: Perm, shared: Perm) -> tuple[Perm, Per
         if role & ChildRole.METADATA:
             if not node.read_only:
                 perm |= Perm.WRITE | Perm.RESIZE
-            perm |= Perm.CONSISTENT_READ
+            if not node.no_io:
+                perm |= Perm.CONSISTENT_READ
             shared &= ~(Perm.WRITE | Perm.RESIZE)
         if role & ChildRole.DATA:
             shared &= ~Perm.RESIZE

@@ -47,8 +47,8 @@ class NullCoDriver(BlockDriver):
         return Status(flags, length, offset, self.node)
 
     def refresh_filename(self) -> str | None:
-        # null_refresh_filename(): a plain URL only when nothing else was set
-        if set(self.options) - {"size"}:
+        # null_refresh_filename(): a plain URL only when no option but latency was set
+        if set(self.options) - {"latency-ns"}:
             return None
         return "%s://" % self.info.name
 
