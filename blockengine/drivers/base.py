@@ -147,6 +147,10 @@ class BlockDriver:
         """Raise LockError if another process's locks conflict with (perm, shared)."""
 
     # ---- queries ------------------------------------------------------------------
+    def get_info(self) -> dict | None:
+        """bdrv_get_info(): {'cluster_size': n?, 'is_dirty': bool?} or None if unsupported."""
+        return None
+
     def info_specific(self) -> dict | None:
         """ImageInfoSpecific for `img info` / query-block (None when the format has none)."""
         return None

@@ -6,6 +6,7 @@ policies (read-only device, discard policy).
 """
 from __future__ import annotations
 
+import errno
 import threading
 import time
 
@@ -76,15 +77,15 @@ class TimedAverage:
 class BlockAcctStats:
     """Per-backend accounting (block/accounting.c)."""
 
-    KINDS = ("rd", "wr", "flush")
+    KINDS = ("rd", "wr", "flush", "unmap")
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.bytes = {"rd": 0, "wr": 0}
+        self.bytes = {"rd": 0, "wr": 0, "unmap": 0}
         self.ops = dict.fromkeys(self.KINDS, 0)
         self.failed = dict.fromkeys(self.KINDS, 0)
         self.invalid = dict.fromkeys(self.KINDS, 0)
-        self.merged = {"rd": 0, "wr": 0}
+        self.merged = {"rd": 0, "wr": 0, "unmap": 0}
         self.total_time_ns = dict.fromkeys(self.KINDS, 0)
         self.wr_highest_offset = 0
         self.last_access_ns: int | None = None
@@ -143,6 +144,12 @@ class BlockAcctStats:
                 "account_invalid": self.account_invalid,
                 "account_failed": self.account_failed,
                 "timed_stats": [self._timed(seconds, avgs) for seconds, avgs in self.intervals],
+                # QEMU 7.2 also reports discards
+                "unmap_operations": self.ops["unmap"], "unmap_bytes": self.bytes["unmap"],
+                "unmap_merged": self.merged["unmap"],
+                "unmap_total_time_ns": self.total_time_ns["unmap"],
+                "failed_unmap_operations": self.failed["unmap"],
+                "invalid_unmap_operations": self.invalid["unmap"],
             }
             if self.last_access_ns is not None:
                 out["idle_time_ns"] = _now_ns() - self.last_access_ns
@@ -225,11 +232,16 @@ class BlockBackend:
         if self.name is not None:
             self.graph.backends.pop(self.name, None)
 
-    def _node(self, kind: str):
+    def _node(self, kind: str, offset: int = 0, length: int = 0):
+        """The root node, after blk_check_byte_request()'s checks (invalid ops counted)."""
         node = self.root_node
         if node is None:
             self.stats.invalid_op(kind)
             raise DeviceNotActive("Device '%s' has no medium" % (self.name or ""))
+        if offset < 0 or length < 0 or offset + length > node.total_size:
+            self.stats.invalid_op(kind)
+            raise BlockError("Request of %d bytes at offset %d is outside the device"
+                             % (length, offset), errno=errno.EIO)
         return node
 
     # ---- I/O with accounting ----------------------------------------------------------------
@@ -247,16 +259,16 @@ class BlockBackend:
         return result
 
     def pread(self, offset: int, length: int) -> bytes:
-        node = self._node("rd")
+        node = self._node("rd", offset, length)
         return self._run("rd", node.pread, offset, length, nbytes=length)
 
     def preadv(self, offset: int, buf) -> None:
-        node = self._node("rd")
         n = memoryview(buf).nbytes
+        node = self._node("rd", offset, n)
         self._run("rd", node.preadv, offset, buf, nbytes=n)
 
     def _check_write(self, offset: int, length: int):
-        node = self._node("wr")
+        node = self._node("wr", offset, length)
         if not self.perm & Perm.WRITE:
             self.stats.invalid_op("wr")
             raise BlockError("Block node is read-only", errno=1)
@@ -279,7 +291,7 @@ class BlockBackend:
 
     def discard(self, offset: int, length: int) -> None:
         node = self._check_write(offset, length)
-        node.discard(offset, length)
+        self._run("unmap", node.discard, offset, length, nbytes=length)
 
     def flush(self) -> None:
         node = self._node("flush")

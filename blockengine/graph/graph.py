@@ -12,7 +12,7 @@ import errno
 import os
 import threading
 
-from ..errors import BlockError, DeviceNotFound, InvalidArgument, PermissionConflict
+from ..errors import BlockError, InvalidArgument, PermissionConflict
 from .child import BdrvChild, ChildRole
 from .node import BlockNode, validate_node_name
 from .perms import Perm, perm_names
@@ -55,8 +55,8 @@ class Graph:
             node = self.nodes.get(node_name)
             if node is not None:
                 return node
-        raise DeviceNotFound("Cannot find device=%s nor node_name=%s"
-                             % (device or "", node_name or ""))
+        raise InvalidArgument("Cannot find device='%s' nor node-name='%s'"
+                              % (device or "", node_name or ""))
 
     def user_nodes(self) -> list[BlockNode]:
         return list(self.nodes.values())
@@ -91,6 +91,8 @@ class Graph:
             if options.get("force-share") and not ro:
                 raise InvalidArgument("force-share=on can only be used with read-only images")
             node = BlockNode(self, driver_cls, name, options, ro)
+            # QEMU names a node before opening its children: list order shows it
+            self.nodes[node.node_name] = node
             child_inherit = {"read-only": ro, "force-share": options.get("force-share", False),
                              "x-no-io": options.get("x-no-io", False)}
             if "cache" in options:
@@ -107,9 +109,9 @@ class Graph:
                 if driver_cls.info.supports_backing:
                     self._open_backing(node, options, child_inherit)
             except BaseException:
+                self.nodes.pop(node.node_name, None)
                 self._abandon(node)
                 raise
-            self.nodes[node.node_name] = node
             return node
 
     def _open_backing(self, node: BlockNode, options: dict, inherit: dict) -> None:
@@ -135,13 +137,7 @@ class Graph:
     def resolve_ref(self, ref, inherit: dict) -> BlockNode:
         """BlockdevRef: an existing node's name, or options of a new node."""
         if isinstance(ref, str):
-            node = self.nodes.get(ref)
-            if node is None:
-                blk = self.backends.get(ref)
-                node = blk.root_node if blk is not None else None
-            if node is None:
-                raise InvalidArgument("Cannot find device=%s nor node_name=%s" % (ref, ref))
-            return node
+            return self.lookup_node(ref, ref)
         node = self.open_node(ref, inherit=inherit)
         node.monitor_owned = False   # lives and dies with its parent
         return node

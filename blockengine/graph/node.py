@@ -55,6 +55,7 @@ class BlockNode:
         self.parents: list[BdrvChild] = []   # newest first, as QEMU's QLIST_INSERT_HEAD
         self.lock = threading.RLock()
         self.write_threshold = 0
+        self.wr_highest_offset = 0
         self.dirty_bitmaps: list = []
         # callables (node, offset, length) run before a write/zero/discard reaches the driver
         self.before_write_notifiers: list = []
@@ -197,6 +198,7 @@ class BlockNode:
                 "write-threshold": threshold})
 
     def _after_write(self, offset: int, length: int) -> None:
+        self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
         for bitmap in self.dirty_bitmaps:
             bitmap.set_range(offset, length)
 

@@ -129,7 +129,7 @@ def test_referenced_child_survives_parent(graph, tmp_path):
 
 
 def test_missing_reference(graph):
-    with pytest.raises(InvalidArgument, match="Cannot find device=nope nor node_name=nope"):
+    with pytest.raises(InvalidArgument, match="^Cannot find device='nope' nor node-name='nope'$"):
         graph.open_node({"driver": "raw", "file": "nope"})
 
 

@@ -86,6 +86,9 @@ class RawDriver(BlockDriver):
     def block_status(self, offset: int, length: int, want_zero: bool) -> Status:
         return Status(BLOCK_RAW | BLOCK_OFFSET_VALID, length, self.offset + offset, self.file)
 
+    def get_info(self) -> dict:
+        return {}
+
     def allocated_file_size(self):
         return self.file.drv.allocated_file_size()
 

@@ -124,6 +124,9 @@ class FileDriver(BlockDriver):
     def max_transfer(self) -> int:
         return 1 << 30
 
+    def get_info(self) -> dict:
+        return {}
+
     def allocated_file_size(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Side-by-side timing of `blockengine img` against `qemu-img` on the same data.
+
+Each case runs the same command line through both tools (best of --repeat runs, page
+cache warm for both), and prints wall time, peak RSS and the blockengine/qemu-img
+ratio.  Targets (README): ratio <= 1.0 for bulk commands, peak RSS <= 64 MiB.
+
+    python bench/compare_qemu.py [--size-mib 1024] [--repeat 3] [--only convert]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+RSS_TARGET_MIB = 64
+
+
+@dataclass
+class Case:
+    name: str
+    prepare: Callable[[str, int], list[str]]    # (workdir, size) -> img argv (after "img")
+    formats: tuple[str, ...] = ("raw",)         # drivers it needs
+    outputs: tuple[str, ...] = ()               # files to delete before each run
+
+
+def run_timed(argv: list[str]) -> tuple[float, float, int]:
+    """(seconds, peak RSS MiB, exit code) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace").strip()
+    proc.stderr.close()
+    if proc.returncode not in (0, 1) and err:
+        print("   ", " ".join(argv[:4]), "->", err.splitlines()[-1], file=sys.stderr)
+    return elapsed, usage.ru_maxrss / 1024, proc.returncode
+
+
+def make_raw(path: str, size: int, data_fraction: float = 0.25, extent: int = 1 << 20,
+             seed: int = 1) -> None:
+    """A sparse raw file with random data extents covering ~data_fraction of it."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        chunk = rng.randbytes(extent)
+        for off in range(0, size, extent):
+            if rng.random() < data_fraction:
+                f.seek(off)
+                f.write(chunk)
+
+
+def make_fragmented_raw(path: str, size: int, extents: int, seed: int = 2) -> None:
+    """Many small data extents (for map)."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        step = size // extents
+        for i in range(extents):
+            f.seek(i * step + rng.randrange(0, step // 2) // 4096 * 4096)
+            f.write(b"\x5a" * 4096)
+
+
+def qemu_img_create(fmt: str, path: str, src: str, opts: str = "") -> None:
+    cmd = ["qemu-img", "convert", "-O", fmt] + (["-o", opts] if opts else []) + [src, path]
+    subprocess.run(cmd, check=True)
+
+
+def _raw_src(work: str, size: int) -> str:
+    src = os.path.join(work, "src.raw")
+    if not os.path.exists(src):
+        make_raw(src, size)
+    return src
+
+
+def case_convert_raw(work, size):
+    return ["convert", "-f", "raw", "-O", "raw", _raw_src(work, size), os.path.join(work, "out.raw")]
+
+
+def case_map_raw(work, size):
+    path = os.path.join(work, "frag.raw")
+    if not os.path.exists(path):
+        make_fragmented_raw(path, size, 20000)
+    return ["map", "-f", "raw", "--output=json", path]
+
+
+def case_compare_raw(work, size):
+    src = _raw_src(work, size)
+    copy = os.path.join(work, "copy.raw")
+    if not os.path.exists(copy):
+        shutil.copyfile(src, copy)
+    return ["compare", "-f", "raw", "-F", "raw", src, copy]
+
+
+def _qcow2_src(work, size):
+    path = os.path.join(work, "src.qcow2")
+    if not os.path.exists(path):
+        qemu_img_create("qcow2", path, _raw_src(work, size))
+    return path
+
+
+def case_convert_qcow2_to_raw(work, size):
+    return ["convert", "-f", "qcow2", "-O", "raw", _qcow2_src(work, size),
+            os.path.join(work, "out.raw")]
+
+
+def case_convert_raw_to_qcow2(work, size):
+    return ["convert", "-f", "raw", "-O", "qcow2", _raw_src(work, size),
+            os.path.join(work, "out.qcow2")]
+
+
+def case_map_qcow2(work, size):
+    path = os.path.join(work, "frag.qcow2")
+    if not os.path.exists(path):
+        raw = os.path.join(work, "frag-src.raw")
+        make_fragmented_raw(raw, size, 100000 if size >= (1 << 30) else 20000)
+        qemu_img_create("qcow2", path, raw, "cluster_size=4096")
+    return ["map", "-f", "qcow2", "--output=json", path]
+
+
+def case_check_qcow2(work, size):
+    return ["check", "-f", "qcow2", _qcow2_src(work, size)]
+
+
+def case_compare_qcow2(work, size):
+    return ["compare", "-f", "qcow2", "-F", "raw", _qcow2_src(work, size), _raw_src(work, size)]
+
+
+CASES = [
+    Case("convert raw->raw", case_convert_raw, outputs=("out.raw",)),
+    Case("map raw (20k extents)", case_map_raw),
+    Case("compare raw/raw", case_compare_raw),
+    Case("convert qcow2->raw", case_convert_qcow2_to_raw, ("qcow2",), ("out.raw",)),
+    Case("convert raw->qcow2", case_convert_raw_to_qcow2, ("qcow2",), ("out.qcow2",)),
+    Case("map qcow2 (~100k extents)", case_map_qcow2, ("qcow2",)),
+    Case("check qcow2", case_check_qcow2, ("qcow2",)),
+    Case("compare qcow2/raw", case_compare_qcow2, ("qcow2",)),
+]
+
+
+def blockengine_argv() -> list[str]:
+    return [sys.executable, "-m", "blockengine.cli", "img"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="run cases whose name contains this")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    if shutil.which("qemu-img") is None:
+        print("qemu-img not found", file=sys.stderr)
+        return 2
+    from blockengine.graph import registry
+    size = args.size_mib << 20
+    work = args.workdir or tempfile.mkdtemp(prefix="be-bench-", dir=os.environ.get("TMPDIR"))
+    print(f"{'case':28} {'qemu-img s':>10} {'blockengine s':>13} {'ratio':>6} "
+          f"{'qemu MiB':>8} {'be MiB':>7}")
+    worst = 0.0
+    for case in CASES:
+        if args.only not in case.name:
+            continue
+        if not all(registry.has_driver(f) for f in case.formats):
+            print(f"{case.name:28} (skipped: driver {', '.join(case.formats)} not available)")
+            continue
+        argv = case.prepare(work, size)
+        results = {}
+        for tool, prefix in (("qemu", ["qemu-img"]), ("be", blockengine_argv())):
+            best = (float("inf"), 0.0, 0)
+            for _ in range(args.repeat):
+                for out in case.outputs:
+                    p = os.path.join(work, out)
+                    if os.path.exists(p):
+                        os.unlink(p)
+                t = run_timed(prefix + argv)
+                best = min(best, t, key=lambda x: x[0])
+            results[tool] = best
+        (tq, mq, rq), (tb, mb, rb) = results["qemu"], results["be"]
+        ratio = tb / tq if tq else float("inf")
+        worst = max(worst, ratio)
+        flag = "" if rq == rb else f"  (exit codes differ: qemu {rq}, be {rb})"
+        rss_flag = "  RSS over target" if mb > RSS_TARGET_MIB else ""
+        print(f"{case.name:28} {tq:10.3f} {tb:13.3f} {ratio:6.2f} {mq:8.1f} {mb:7.1f}"
+              f"{flag}{rss_flag}", flush=True)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"worst ratio: {worst:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    sys.exit(main())

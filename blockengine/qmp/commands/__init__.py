@@ -1,0 +1,14 @@
+"""QMP command handlers, grouped by area.  Each module lists its handlers in COMMANDS
+(name -> function(ctx, args) -> return value); ``all_commands()`` collects them."""
+from . import block_nodes, queries
+
+AREAS = (block_nodes, queries)
+
+
+def all_commands() -> dict:
+    table = {}
+    for area in AREAS:
+        for name, handler in area.COMMANDS.items():
+            assert name not in table, name
+            table[name] = handler
+    return table
