@@ -15,11 +15,6 @@ _DRIVERS = {
 }
 
 
-def register(name: str, target: str) -> None:
-    """Add a driver entry (used by format packages as they land)."""
-    _DRIVERS[name] = target
-
-
 def driver_names() -> list[str]:
     return sorted(_DRIVERS)
 
@@ -46,7 +41,7 @@ def probe_format(head: bytes, filename: str = "") -> str:
     best, best_score = "raw", 1
     for name, score in (("qcow2", _probe_qcow2(head)), ("luks", _probe_luks(head)),
                         ("vmdk", _probe_vmdk(head))):
-        if score > best_score and has_driver(name):
+        if score > best_score:
             best, best_score = name, score
     return best
 

@@ -208,3 +208,34 @@ class NodeModel(RuleBasedStateMachine):
 NodeModel.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
 TestNodeModel = NodeModel.TestCase
+
+
+def test_cache_direct_uses_aligned_io(tmp_path):
+    p = tmp_path / "direct.raw"
+    p.write_bytes(b"\x11" * 65536)
+    g = Graph()
+    try:
+        n = g.open_node({"driver": "raw", "cache": {"direct": True},
+                         "file": {"driver": "file", "filename": str(p)}})
+    except BlockError as e:          # a filesystem without O_DIRECT (tmpfs)
+        pytest.skip(str(e))
+    assert n.file_child_node().request_alignment in (512, 1024, 2048, 4096)
+    n.pwrite(3, b"abc")
+    n.flush()
+    assert n.pread(0, 8) == b"\x11\x11\x11abc\x11\x11"
+    g.close_all()
+    assert p.read_bytes()[:8] == b"\x11\x11\x11abc\x11\x11"
+
+
+def test_probed_raw_refuses_format_header_in_sector_0(tmp_path):
+    import blockengine
+    p = tmp_path / "guest.img"
+    p.write_bytes(bytes(65536))
+    with blockengine.open(str(p)) as img:          # format probed: raw
+        assert img.node.driver_name == "raw"
+        with pytest.raises(BlockError, match="Operation not permitted"):
+            img.write(0, b"QFI\xfb\x00\x00\x00\x03")
+        img.write(512, b"QFI\xfb\x00\x00\x00\x03")   # only sector 0 is guarded
+        img.write(0, b"plain data")
+    with blockengine.open(str(p), "raw") as img:   # explicit raw: no restriction
+        img.write(0, b"QFI\xfb\x00\x00\x00\x03")
