@@ -190,6 +190,7 @@ class BlockBackend:
         self.locked = False
         self.io_status = "ok"
         self.read_only_device = not (perm & Perm.WRITE)
+        self.throttle_group = None
         if name is not None:
             if name in graph.backends:
                 raise InvalidArgument("Duplicate ID '%s' for drive" % name)
@@ -228,6 +229,9 @@ class BlockBackend:
         """Called after graph surgery; the edge object stays, its node may change."""
 
     def delete(self) -> None:
+        if self.throttle_group is not None:
+            self.graph.throttle_groups.leave(self, self.throttle_group)
+            self.throttle_group = None
         self.remove()
         if self.name is not None:
             self.graph.backends.pop(self.name, None)
@@ -243,6 +247,29 @@ class BlockBackend:
             raise BlockError("Request of %d bytes at offset %d is outside the device"
                              % (length, offset), errno=errno.EIO)
         return node
+
+    # ---- throttling ---------------------------------------------------------------------
+    def set_io_throttle(self, config, group_name: str | None = None) -> None:
+        """block_set_io_throttle: join (or leave, when config has no limit) a group."""
+        groups = self.graph.throttle_groups
+        if self.throttle_group is not None and (
+                not config.enabled() or group_name != self.throttle_group.name):
+            groups.leave(self, self.throttle_group)
+            self.throttle_group = None
+        if config.enabled():
+            self.throttle_group = groups.join(self, group_name or self.name or "", config)
+
+    def throttle_info(self) -> dict | None:
+        """Throttle fields of BlockDeviceInfo (None when not throttled)."""
+        if self.throttle_group is None:
+            return None
+        info = self.throttle_group.config.to_qmp()
+        info["group"] = self.throttle_group.name
+        return info
+
+    def _throttle(self, is_write: bool, size: int) -> None:
+        if self.throttle_group is not None:
+            self.throttle_group.throttle(is_write, size)
 
     # ---- I/O with accounting ----------------------------------------------------------------
     def _run(self, kind: str, fn, *args, nbytes: int = 0):
@@ -260,11 +287,13 @@ class BlockBackend:
 
     def pread(self, offset: int, length: int) -> bytes:
         node = self._node("rd", offset, length)
+        self._throttle(False, length)
         return self._run("rd", node.pread, offset, length, nbytes=length)
 
     def preadv(self, offset: int, buf) -> None:
         n = memoryview(buf).nbytes
         node = self._node("rd", offset, n)
+        self._throttle(False, n)
         self._run("rd", node.preadv, offset, buf, nbytes=n)
 
     def _check_write(self, offset: int, length: int):
@@ -281,11 +310,13 @@ class BlockBackend:
     def pwrite(self, offset: int, data, fua: bool = False) -> None:
         n = memoryview(data).nbytes
         node = self._check_write(offset, n)
+        self._throttle(True, n)
         self._run("wr", node.pwrite, offset, data, fua, nbytes=n)
         self._wrote(offset, n)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         node = self._check_write(offset, length)
+        self._throttle(True, length)
         self._run("wr", node.pwrite_zeroes, offset, length, may_unmap, nbytes=length)
         self._wrote(offset, length)
 

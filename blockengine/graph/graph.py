@@ -12,6 +12,7 @@ import errno
 import os
 import threading
 
+from ..io.throttle import ThrottleGroups
 from ..errors import BlockError, InvalidArgument, PermissionConflict
 from .child import BdrvChild, ChildRole
 from .node import BlockNode, validate_node_name
@@ -37,6 +38,7 @@ class Graph:
         self.lock = threading.RLock()
         self.events = events if events is not None else EventSink()
         self.secrets: dict[str, bytes] = {}          # --object secret,...
+        self.throttle_groups = ThrottleGroups()
 
     # ---- lookup ---------------------------------------------------------------------
     def find_node(self, name: str) -> BlockNode | None:
