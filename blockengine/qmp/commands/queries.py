@@ -13,7 +13,8 @@ _NODE_ZERO_STATS = (
 
 def query_named_block_nodes(ctx, args: dict):
     flat = args.get("flat", False)
-    return [block_device_info(node, flat=flat) for node in ctx.graph.nodes.values()]
+    # QEMU prepends while walking the graph's nodes: newest first
+    return [block_device_info(node, flat=flat) for node in reversed(ctx.graph.nodes.values())]
 
 
 def block_info(blk) -> dict:

@@ -1,0 +1,124 @@
+"""Hand-written QAPI definitions that tools/gen_qapi.py merges into schema.py.
+
+block-core.qapi references types QEMU defines in its common, sockets, crypto and
+control schemas, and predates commands and members that QEMU 7.2 has and blockengine
+implements.  They are written here in the generated module's normalized form:
+
+- ENUMS: name -> list of values
+- STRUCTS: name -> {'base'?: name, 'data': {member: type}}
+- UNIONS: name -> {'base': name | {member: type}, 'discriminator': member,
+            'data': {value: type}}
+- ALTERNATES: name -> {branch: type}
+- COMMANDS: name -> {'data'?: {member: type} | type name, 'boxed'?: True, 'returns'?: type}
+- EVENTS: name -> {'data'?: {member: type}}
+
+A member named '*m' is optional; a type is a name or a one-element list (an array).
+MEMBER_UPDATES adds members to (or retypes members of) block-core definitions.
+
+Keep this module free of imports: the generator loads it by path.
+"""
+
+ENUMS = {
+    'QapiErrorClass': ['GenericError', 'CommandNotFound', 'DeviceNotActive',
+                       'DeviceNotFound', 'DeviceEncrypted', 'KVMMissingCap'],
+    'IoOperationType': ['read', 'write'],
+    'OnOffAuto': ['auto', 'on', 'off'],
+    'SocketAddressType': ['inet', 'unix', 'vsock', 'fd'],
+    'QCryptoCipherAlgorithm': ['aes-128', 'aes-192', 'aes-256', 'des', '3des', 'cast5-128',
+                               'serpent-128', 'serpent-192', 'serpent-256',
+                               'twofish-128', 'twofish-192', 'twofish-256'],
+    'QCryptoCipherMode': ['ecb', 'cbc', 'xts', 'ctr'],
+    'QCryptoIVGenAlgorithm': ['plain', 'plain64', 'essiv'],
+    'QCryptoHashAlgorithm': ['md5', 'sha1', 'sha224', 'sha256', 'sha384', 'sha512',
+                             'ripemd160'],
+    'QMPCapability': ['oob'],
+    'JobType': ['commit', 'stream', 'mirror', 'backup', 'create', 'amend',
+                'snapshot-load', 'snapshot-save', 'snapshot-delete'],
+    'JobStatus': ['undefined', 'created', 'running', 'paused', 'ready', 'standby',
+                  'waiting', 'pending', 'aborting', 'concluded', 'null'],
+}
+
+STRUCTS = {
+    'InetSocketAddressBase': {'data': {'host': 'str', 'port': 'str'}},
+    'InetSocketAddress': {'base': 'InetSocketAddressBase',
+                          'data': {'*numeric': 'bool', '*to': 'uint16',
+                                   '*ipv4': 'bool', '*ipv6': 'bool'}},
+    'UnixSocketAddress': {'data': {'path': 'str'}},
+    'VsockSocketAddress': {'data': {'cid': 'str', 'port': 'str'}},
+    'String': {'data': {'str': 'str'}},
+    'QCryptoBlockInfoLUKSSlot': {'data': {'active': 'bool', '*iters': 'int',
+                                          '*stripes': 'int', 'key-offset': 'int'}},
+    'QCryptoBlockInfoLUKS': {'data': {'cipher-alg': 'QCryptoCipherAlgorithm',
+                                      'cipher-mode': 'QCryptoCipherMode',
+                                      'ivgen-alg': 'QCryptoIVGenAlgorithm',
+                                      '*ivgen-hash-alg': 'QCryptoHashAlgorithm',
+                                      'hash-alg': 'QCryptoHashAlgorithm',
+                                      'payload-offset': 'int',
+                                      'master-key-iters': 'int',
+                                      'uuid': 'str',
+                                      'slots': ['QCryptoBlockInfoLUKSSlot']}},
+    'VersionTriple': {'data': {'major': 'int', 'minor': 'int', 'micro': 'int'}},
+    'VersionInfo': {'data': {'qemu': 'VersionTriple', 'package': 'str'}},
+    'CommandInfo': {'data': {'name': 'str'}},
+    'JobInfo': {'data': {'id': 'str', 'type': 'JobType', 'status': 'JobStatus',
+                         'current-progress': 'int', 'total-progress': 'int',
+                         '*error': 'str'}},
+}
+
+UNIONS = {
+    'SocketAddress': {'base': {'type': 'SocketAddressType'},
+                      'discriminator': 'type',
+                      'data': {'inet': 'InetSocketAddress',
+                               'unix': 'UnixSocketAddress',
+                               'vsock': 'VsockSocketAddress',
+                               'fd': 'String'}},
+}
+
+ALTERNATES = {
+    'BlockdevRefOrNull': {'definition': 'BlockdevOptions', 'reference': 'str', 'null': 'null'},
+    'BlockDirtyBitmapOrStr': {'local': 'str', 'external': 'BlockDirtyBitmap'},
+}
+
+_JOB_ID = {'data': {'id': 'str'}}
+
+COMMANDS = {
+    'qmp_capabilities': {'data': {'*enable': ['QMPCapability']}},
+    'query-version': {'returns': 'VersionInfo'},
+    'query-commands': {'returns': ['CommandInfo']},
+    'quit': {},
+    'query-jobs': {'returns': ['JobInfo']},
+    'job-pause': _JOB_ID,
+    'job-resume': _JOB_ID,
+    'job-cancel': _JOB_ID,
+    'job-complete': _JOB_ID,
+    'job-dismiss': _JOB_ID,
+    'job-finalize': _JOB_ID,
+    'block-job-dismiss': _JOB_ID,
+    'block-job-finalize': _JOB_ID,
+    'block-dirty-bitmap-enable': {'data': 'BlockDirtyBitmap'},
+    'block-dirty-bitmap-disable': {'data': 'BlockDirtyBitmap'},
+    'block-dirty-bitmap-merge': {'data': {'node': 'str', 'target': 'str',
+                                          'bitmaps': ['BlockDirtyBitmapOrStr']}},
+}
+
+EVENTS = {
+    'JOB_STATUS_CHANGE': {'data': {'id': 'str', 'status': 'JobStatus'}},
+    'BLOCK_JOB_PENDING': {'data': {'type': 'JobType', 'id': 'str'}},
+}
+
+_JOB_AUTO = {'*auto-finalize': 'bool', '*auto-dismiss': 'bool'}
+
+MEMBER_UPDATES = {
+    'STRUCTS': {
+        'BlockDirtyBitmapAdd': {'*persistent': 'bool', '*disabled': 'bool'},
+        'BlockdevOptionsGenericCOWFormat': {'*backing': 'BlockdevRefOrNull'},
+        'DriveBackup': _JOB_AUTO,
+        'BlockdevBackup': _JOB_AUTO,
+        'DriveMirror': _JOB_AUTO,
+    },
+    'COMMANDS': {
+        'block-stream': _JOB_AUTO,
+        'block-commit': _JOB_AUTO,
+        'blockdev-mirror': _JOB_AUTO,
+    },
+}
