@@ -93,8 +93,6 @@ class Graph:
             if options.get("force-share") and not ro:
                 raise InvalidArgument("force-share=on can only be used with read-only images")
             node = BlockNode(self, driver_cls, name, options, ro)
-            # QEMU names a node before opening its children: list order shows it
-            self.nodes[node.node_name] = node
             child_inherit = {"read-only": ro, "force-share": options.get("force-share", False),
                              "x-no-io": options.get("x-no-io", False)}
             if "cache" in options:
@@ -111,9 +109,10 @@ class Graph:
                 if driver_cls.info.supports_backing:
                     self._open_backing(node, options, child_inherit)
             except BaseException:
-                self.nodes.pop(node.node_name, None)
                 self._abandon(node)
                 raise
+            # registered once open, so children come first (QEMU's graph_bdrv_states order)
+            self.nodes[node.node_name] = node
             return node
 
     def _open_backing(self, node: BlockNode, options: dict, inherit: dict) -> None:
