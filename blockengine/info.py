@@ -35,7 +35,7 @@ def image_info(node, *, backing_chain: bool = False) -> dict:
         backing_format = getattr(drv, "backing_format", "") or ""
         if backing_format:
             info["backing-filename-format"] = backing_format
-    snapshots = drv.snapshots() if hasattr(drv, "snapshots") else []
+    snapshots = drv.snapshots_info() if hasattr(drv, "snapshots_info") else []
     if snapshots:
         info["snapshots"] = snapshots
     if backing_chain and node.backing is not None:

@@ -22,6 +22,7 @@ from ..io.request import align_down, align_up, check_request, chunks, is_aligned
 from .child import BdrvChild, ChildRole
 from .perms import Perm
 
+SECTOR_SIZE = 512
 _NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 _auto_name_counter = itertools.count()
 
@@ -123,10 +124,11 @@ class BlockNode:
     # ---- geometry -----------------------------------------------------------------
     @property
     def total_size(self) -> int:
-        return self.drv.get_length()
+        """bdrv_getlength(): the driver's length rounded up to whole 512-byte sectors."""
+        return align_up(self.drv.get_length(), SECTOR_SIZE)
 
     def getlength(self) -> int:
-        return self.drv.get_length()
+        return self.total_size
 
     @property
     def request_alignment(self) -> int:

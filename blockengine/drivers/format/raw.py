@@ -16,7 +16,7 @@ PROBE_SECTOR = 512
 
 
 class RawDriver(BlockDriver):
-    info = DriverInfo("raw", DriverKind.FORMAT, create_opts=("size", "preallocation"))
+    info = DriverInfo("raw", DriverKind.FORMAT, create_opts=("size",))
 
     @classmethod
     def child_roles(cls, options: dict) -> dict:

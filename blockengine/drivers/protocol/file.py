@@ -51,7 +51,7 @@ def _lock(fd: int, cmd: int, lock_type: int, byte: int) -> int:
 
 class FileDriver(BlockDriver):
     info = DriverInfo("file", DriverKind.PROTOCOL,
-                      create_opts=("size", "preallocation", "nocow", "extent_size_hint"))
+                      create_opts=("size", "nocow", "preallocation", "extent_size_hint"))
     thread_safe = True
 
     def open(self, options: dict) -> None:
@@ -281,9 +281,12 @@ class FileDriver(BlockDriver):
     @classmethod
     def create(cls, filename: str, size: int, opts: dict) -> None:
         """raw_co_create(): create or truncate the file, then preallocate."""
-        prealloc = PreallocMode(opts.get("preallocation", "off"))
+        try:
+            prealloc = PreallocMode(opts.get("preallocation", "off"))
+        except ValueError:
+            raise InvalidArgument("invalid parameter value: %s" % opts["preallocation"]) from None
         if prealloc is PreallocMode.METADATA:
-            raise InvalidArgument("Unsupported preallocation mode 'metadata'")
+            raise InvalidArgument("Unsupported preallocation mode: metadata")
         try:
             fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:

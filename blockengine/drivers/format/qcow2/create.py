@@ -1,0 +1,163 @@
+"""Image creation (QEMU's qcow2_co_create() / qcow2_co_create_opts()).
+
+The steps are QEMU's, so the file is laid out byte for byte as qemu-img creates it:
+header cluster 0 (minimal header), refcount table in cluster 1 pointing to the
+refcount block in cluster 2; then the image is opened, clusters 0-2 are allocated,
+the full header (extensions) is written, the image is truncated to its size (which
+allocates the L1 table at cluster 3, and preallocates if asked) and the backing file
+is set.
+"""
+from __future__ import annotations
+
+import os
+
+from ....errors import InvalidArgument, NotSupported
+from ...base import PreallocMode
+from . import layout as L
+from .cache import parse_size
+
+
+def _bool(v, name: str) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, bool):
+        return v
+    if v in ("on", "true", "yes"):
+        return True
+    if v in ("off", "false", "no"):
+        return False
+    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
+
+
+def _size(v) -> int:
+    return parse_size(v) if isinstance(v, str) else int(v)
+
+
+def create(filename: str, size: int, opts: dict) -> None:
+    from ...protocol.file import FileDriver
+    from ....graph.graph import Graph
+
+    opts = {k: v for k, v in (opts or {}).items() if v is not None}
+    if any(k.startswith("encrypt.") for k in opts) or _bool(opts.get("encryption"),
+                                                            "encryption"):
+        raise NotSupported("Encrypted qcow2 images are not supported yet")
+    compat = str(opts.get("compat", "v3"))
+    version = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}.get(compat)
+    if version is None:
+        raise InvalidArgument("Parameter 'version' does not accept value '%s'" % compat)
+    cluster_size = _size(opts.get("cluster_size", L.DEFAULT_CLUSTER_SIZE))
+    if (cluster_size & (cluster_size - 1) or cluster_size < 512
+            or cluster_size > (1 << L.MAX_CLUSTER_BITS)):
+        raise InvalidArgument("Cluster size must be a power of two between 512 and 2048k")
+    cluster_bits = cluster_size.bit_length() - 1
+    refcount_bits = int(opts.get("refcount_bits", 16))
+    if refcount_bits > 64 or refcount_bits < 1 or refcount_bits & (refcount_bits - 1):
+        raise InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise InvalidArgument("Different refcount widths than 16 bits require compatibility "
+                              "level 1.1 or above (use version=v3 or greater)")
+    refcount_order = refcount_bits.bit_length() - 1
+    lazy = _bool(opts.get("lazy_refcounts"), "lazy_refcounts")
+    if version < 3 and lazy:
+        raise InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 "
+                              "and above (use version=v3 or greater)")
+    extended_l2 = _bool(opts.get("extended_l2"), "extended_l2")
+    if extended_l2:
+        if version < 3:
+            raise InvalidArgument("Extended L2 entries are only supported with compatibility "
+                                  "level 1.1 and above (use version=v3 or greater)")
+        if cluster_size < 16384:
+            raise InvalidArgument("Extended L2 entries are only supported with cluster sizes "
+                                  "of at least 16384 bytes")
+    ctype_name = opts.get("compression_type", "zlib")
+    ctype = {"zlib": 0, "zstd": 1}.get(ctype_name)
+    if ctype is None:
+        raise InvalidArgument("Parameter 'compression-type' does not accept value '%s'"
+                              % ctype_name)
+    if ctype and version < 3:
+        raise InvalidArgument("Non-zlib compression type is only supported with compatibility "
+                              "level 1.1 and above (use version=v3 or greater)")
+    prealloc_name = opts.get("preallocation", "off")
+    try:
+        prealloc = PreallocMode(prealloc_name) if not isinstance(prealloc_name, PreallocMode) \
+            else prealloc_name
+    except ValueError:
+        raise InvalidArgument("Parameter 'preallocation' does not accept value '%s'"
+                              % prealloc_name) from None
+    backing_file = opts.get("backing_file")
+    backing_fmt = opts.get("backing_fmt")
+    data_file = opts.get("data_file")
+    data_file_raw = _bool(opts.get("data_file_raw"), "data_file_raw")
+    if data_file and version < 3:
+        raise InvalidArgument("External data files are only supported with compatibility "
+                              "level 1.1 and above (use version=v3 or greater)")
+    if backing_fmt and not backing_file:
+        raise InvalidArgument("Backing format cannot be used without backing file")
+    if backing_file and prealloc is not PreallocMode.OFF and not extended_l2:
+        raise InvalidArgument("Backing file and preallocation can only be used at the same "
+                              "time if extended_l2 is on")
+    if data_file_raw and not data_file:
+        raise InvalidArgument("data-file-raw requires data-file")
+    if data_file_raw and backing_file:
+        raise InvalidArgument("Backing file and data-file-raw cannot be used at the same time")
+    if data_file_raw and prealloc is PreallocMode.OFF:
+        prealloc = PreallocMode.METADATA
+    size = -(-int(size) // 512) * 512
+
+    # protocol layer
+    FileDriver.create(filename, 0, {})
+    if data_file:
+        FileDriver.create(data_file, 0, {})
+
+    header = L.Header(version=version, cluster_bits=cluster_bits, size=0,
+                      refcount_table_offset=cluster_size, refcount_table_clusters=1,
+                      refcount_order=refcount_order, compression_type=ctype,
+                      header_length=L.HEADER_SIZE)
+    if lazy:
+        header.compatible_features |= L.QCOW2_COMPAT_LAZY_REFCOUNTS
+    if data_file:
+        header.incompatible_features |= L.QCOW2_INCOMPAT_DATA_FILE
+    if data_file_raw:
+        header.autoclear_features |= L.QCOW2_AUTOCLEAR_DATA_FILE_RAW
+    if ctype:
+        header.incompatible_features |= L.QCOW2_INCOMPAT_COMPRESSION
+    if extended_l2:
+        header.incompatible_features |= L.QCOW2_INCOMPAT_EXTL2
+    v = header.version
+    header.version = 3          # the create header is always written in full
+    first = bytearray(header.pack())
+    header.version = v
+    first[4:8] = L.BE32.pack(version)
+    first += bytes(cluster_size - len(first))
+    reftable = bytearray(2 * cluster_size)
+    reftable[0:8] = L.BE64.pack(2 * cluster_size)
+
+    graph = Graph()
+    try:
+        fnode = graph.open_node({"driver": "file", "filename": filename})
+        fnode.pwrite(0, first)
+        fnode.pwrite(cluster_size, reftable)
+        opts_q = {"driver": "qcow2", "file": fnode.node_name, "backing": None}
+        if data_file:
+            dnode = graph.open_node({"driver": "file", "filename": data_file})
+            opts_q["data-file"] = dnode.node_name
+        node = graph.open_node(opts_q)
+        s = node.drv
+        off = s.alloc_clusters(3 * cluster_size)
+        if off != 0:
+            raise InvalidArgument("Could not allocate clusters for qcow2 header and refcount "
+                                  "table")
+        if data_file:
+            s.image_data_file = data_file
+        s.update_header()
+        node.truncate(size, prealloc=prealloc)
+        if backing_file:
+            if len(backing_file) > 1023:
+                raise InvalidArgument("Could not assign backing file '%s' with format '%s'"
+                                      % (backing_file, backing_fmt or ""))
+            s.image_backing_file = s.backing_file = backing_file
+            s.image_backing_format = backing_fmt
+            s.update_header()
+        node.flush()
+    finally:
+        graph.close_all()
