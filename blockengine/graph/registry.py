@@ -12,6 +12,10 @@ _DRIVERS = {
     "null-co": "blockengine.drivers.protocol.null:NullCoDriver",
     "null-aio": "blockengine.drivers.protocol.null:NullAioDriver",
     "raw": "blockengine.drivers.format.raw:RawDriver",
+    "blkdebug": "blockengine.drivers.filter.blkdebug:BlkdebugDriver",
+    "copy-before-write": "blockengine.drivers.filter.copy_before_write:CopyBeforeWriteDriver",
+    "qcow2": "blockengine.drivers.format.qcow2.driver:Qcow2Driver",
+    "quorum": "blockengine.drivers.filter.quorum:QuorumDriver",
 }
 
 

@@ -847,6 +847,10 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             raise NotSupported("Can't resize an image which has bitmaps")
         old_length = self.total_size
         new_l1_size = L.size_to_l1(self.cluster_bits, self.l2_bits, size)
+        # bdrv_co_truncate() asks for zeroes when a longer backing file would show through
+        backing = self.node.backing
+        zero_write = (size > old_length and backing is not None
+                      and backing.total_size > old_length)
         if size < old_length:
             if prealloc is not PreallocMode.OFF:
                 raise InvalidArgument("Preallocation can't be used for shrinking an image")
@@ -878,6 +882,18 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
         else:
             self._preallocate_falloc(old_length, size, prealloc)
 
+        if zero_write:
+            zero_start = -(-old_length // self.subcluster_size) * self.subcluster_size
+            if size > zero_start:
+                try:
+                    self.subcluster_zeroize(zero_start, size - zero_start, False)
+                except NotSupported:
+                    raise BlockError("Failed to zero out new clusters: Operation not "
+                                     "supported", errno=errno.ENOTSUP) from None
+            if zero_start > old_length:
+                n = min(zero_start, size) - old_length
+                self.total_size = max(self.total_size, old_length + n)
+                self.pwritev(old_length, memoryview(bytes(n)))
         if prealloc is not PreallocMode.OFF:
             self.flush_caches()
         self.total_size = size
