@@ -22,6 +22,7 @@ ENUMS = {
     'QapiErrorClass': ['GenericError', 'CommandNotFound', 'DeviceNotActive',
                        'DeviceNotFound', 'DeviceEncrypted', 'KVMMissingCap'],
     'IoOperationType': ['read', 'write'],
+    'QuorumOpType': ['read', 'write', 'flush'],
     'OnOffAuto': ['auto', 'on', 'off'],
     'SocketAddressType': ['inet', 'unix', 'vsock', 'fd'],
     'QCryptoCipherAlgorithm': ['aes-128', 'aes-192', 'aes-256', 'des', '3des', 'cast5-128',
@@ -104,6 +105,13 @@ COMMANDS = {
 EVENTS = {
     'JOB_STATUS_CHANGE': {'data': {'id': 'str', 'status': 'JobStatus'}},
     'BLOCK_JOB_PENDING': {'data': {'type': 'JobType', 'id': 'str'}},
+    # from QEMU's block.json / quorum schema, emitted by devices and the quorum driver
+    'DEVICE_TRAY_MOVED': {'data': {'device': 'str', 'id': 'str', 'tray-open': 'bool'}},
+    'QUORUM_FAILURE': {'data': {'reference': 'str', 'sector-num': 'int',
+                                'sectors-count': 'int'}},
+    'QUORUM_REPORT_BAD': {'data': {'type': 'QuorumOpType', '*error': 'str',
+                                   'node-name': 'str', 'sector-num': 'int',
+                                   'sectors-count': 'int'}},
 }
 
 _JOB_AUTO = {'*auto-finalize': 'bool', '*auto-dismiss': 'bool'}

@@ -43,6 +43,7 @@ ENUMS = {
     'QapiErrorClass': ['GenericError', 'CommandNotFound', 'DeviceNotActive',
                        'DeviceNotFound', 'DeviceEncrypted', 'KVMMissingCap'],
     'IoOperationType': ['read', 'write'],
+    'QuorumOpType': ['read', 'write', 'flush'],
     'OnOffAuto': ['auto', 'on', 'off'],
     'SocketAddressType': ['inet', 'unix', 'vsock', 'fd'],
     'QCryptoCipherAlgorithm': ['aes-128', 'aes-192', 'aes-256', 'des', '3des', 'cast5-128',
@@ -631,4 +632,13 @@ EVENTS = {
     # from blockengine/qapi/extra.py
     'JOB_STATUS_CHANGE': {'data': {'id': 'str', 'status': 'JobStatus'}},
     'BLOCK_JOB_PENDING': {'data': {'type': 'JobType', 'id': 'str'}},
+    'DEVICE_TRAY_MOVED': {'data': {'device': 'str', 'id': 'str', 'tray-open': 'bool'}},
+    'QUORUM_FAILURE': {'data': {'reference': 'str',
+                                'sector-num': 'int',
+                                'sectors-count': 'int'}},
+    'QUORUM_REPORT_BAD': {'data': {'type': 'QuorumOpType',
+                                   '*error': 'str',
+                                   'node-name': 'str',
+                                   'sector-num': 'int',
+                                   'sectors-count': 'int'}},
 }

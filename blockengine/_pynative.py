@@ -1,0 +1,590 @@
+"""Pure-Python twins of the native hot paths (``native/*.c``).
+
+Every public function here has exactly the signature, results and exceptions
+of its counterpart in :mod:`blockengine._native` when the compiled module
+``blockengine._be_native`` is in use; ``tests/unit/test_native.py`` checks
+that with hypothesis.  Import :mod:`blockengine._native`, not this module:
+it picks the fastest available backend.
+
+Shared contracts
+----------------
+* Buffers are any C-contiguous objects supporting the buffer protocol
+  (``bytes``, ``bytearray``, ``memoryview``, ``array``, ``mmap``).  Functions
+  that modify a buffer need a writable one (else ``TypeError``).
+* An index or length outside the buffer (including a negative one) raises
+  ``IndexError``; an invalid parameter (refcount order, cluster_bits,
+  granularity, a bitmap whose length is not a multiple of 8 bytes...) raises
+  ``ValueError``.  Neither ever leaves a buffer partially modified.
+* On-disk data is big-endian as qcow2 stores it.  Bitmaps are arrays of
+  little-endian 64-bit words: bit ``i`` is bit ``i % 64`` of word ``i // 64``,
+  which is byte for byte the qcow2 on-disk bitmap layout (bit ``i % 8`` of byte
+  ``i // 8``).
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+
+# ---------------------------------------------------------------- constants
+# Status codes (mirror BE_* in native/be.h).
+OK = 0
+E_OVERFLOW = -4
+E_UNDERFLOW = -5
+
+# Kinds of L2 runs.
+L2_UNALLOCATED = 0
+L2_ZERO_PLAIN = 1
+L2_ZERO_ALLOC = 2
+L2_NORMAL = 3
+L2_COMPRESSED = 4
+L2_INVALID = 5
+
+# Kinds of subcluster runs (extended L2 entries).
+SC_UNALLOCATED = 0
+SC_ZERO = 1
+SC_ALLOCATED = 2
+SC_INVALID = 3
+
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_STD_RESERVED = 0x3F000000000001FE
+L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+
+_U64_MAX = (1 << 64) - 1
+_L2_RUN_INDEX_LIMIT = 0xFFFFFFFF
+
+__all__ = [
+    "OK", "E_OVERFLOW", "E_UNDERFLOW",
+    "L2_UNALLOCATED", "L2_ZERO_PLAIN", "L2_ZERO_ALLOC", "L2_NORMAL",
+    "L2_COMPRESSED", "L2_INVALID",
+    "SC_UNALLOCATED", "SC_ZERO", "SC_ALLOCATED", "SC_INVALID",
+    "l2_scan", "subcluster_runs",
+    "refcount_get", "refcount_get_range", "refcount_set_range",
+    "refcount_add_range", "refcount_free_run", "refcount_find_free",
+    "refcount_count_nonzero", "refcount_compare",
+    "bitmap_set_range", "bitmap_reset_range", "bitmap_count",
+    "bitmap_next_set", "bitmap_next_clear", "bitmap_next_dirty_area",
+    "bitmap_merge_or", "bitmap_serialize", "bitmap_deserialize",
+    "buffer_is_zero", "zero_runs",
+]
+
+
+# ------------------------------------------------------------------ helpers
+def _bytes_view(buf, writable: bool = False) -> memoryview:
+    mv = memoryview(buf)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    if writable and mv.readonly:
+        raise TypeError("a writable buffer is required")
+    return mv
+
+
+def _check_range(start: int, n: int, limit: int) -> None:
+    """``IndexError`` unless [start, start + n) lies within [0, limit)."""
+    if start < 0 or n < 0 or start > limit or n > limit - start:
+        raise IndexError(f"range [{start}, {start}+{n}) outside [0, {limit})")
+
+
+def _check_span(start: int, end: int, limit: int) -> None:
+    if start < 0 or end < start or end > limit:
+        raise IndexError(f"range [{start}, {end}) outside [0, {limit})")
+
+
+# ----------------------------------------------------------------------- L2
+def _classify(entry: int, bitmap: int, extended: bool, cluster_bits: int,
+              data_file: bool) -> tuple[int, int]:
+    """(kind, host_offset) of one L2 entry; mirrors classify() in l2.c."""
+    if entry & QCOW_OFLAG_COMPRESSED:
+        x = 70 - cluster_bits
+        off = entry & ((1 << x) - 1)
+        if x > 56 and off >> 56:
+            return L2_INVALID, off
+        if extended and bitmap:
+            return L2_INVALID, off
+        return L2_COMPRESSED, off
+    off = entry & L2E_OFFSET_MASK
+    reserved = L2E_STD_RESERVED | (QCOW_OFLAG_ZERO if extended else 0)
+    if entry & reserved:
+        return L2_INVALID, off
+    if not extended and entry & QCOW_OFLAG_ZERO:
+        kind = L2_ZERO_ALLOC if off else L2_ZERO_PLAIN
+    elif off == 0 and not (data_file and entry & QCOW_OFLAG_COPIED):
+        kind = L2_UNALLOCATED
+    else:
+        kind = L2_NORMAL
+    if kind == L2_NORMAL or kind == L2_ZERO_ALLOC:
+        if off & ((1 << cluster_bits) - 1):
+            return L2_INVALID, off
+    else:
+        off = 0
+    if extended:
+        if kind == L2_NORMAL and (bitmap >> 32) & bitmap:
+            return L2_INVALID, off
+        if kind == L2_UNALLOCATED and bitmap & L2_BITMAP_ALL_ALLOC:
+            return L2_INVALID, off
+    return kind, off
+
+
+def l2_scan(table, start_index: int, count: int, extended: bool,
+            cluster_bits: int, *, data_file: bool = False) -> list[tuple[int, int, int, int, bool]]:
+    """Classify L2 entries [start_index, start_index + count) into runs.
+
+    ``table`` holds big-endian L2 entries, 8 bytes each (16 with
+    ``extended``: the entry followed by its subcluster bitmap).  Returns a
+    list of ``(first_index, n, kind, host_offset, copied)`` tuples that cover
+    the range in order, where ``kind`` is an ``L2_*`` constant:
+
+    * ``L2_UNALLOCATED`` / ``L2_ZERO_PLAIN``: host_offset is 0;
+    * ``L2_ZERO_ALLOC`` / ``L2_NORMAL``: entries whose host offsets advance by
+      one cluster each, starting at host_offset;
+    * ``L2_COMPRESSED``: always one entry; host_offset is the compressed data
+      offset (bits 0..x-1); read the raw entry for the sector count;
+    * ``L2_INVALID``: always one entry that the caller must report as
+      corruption: reserved bits set, unaligned host offset, a compressed
+      offset beyond 2^56, or (extended) an impossible subcluster bitmap;
+      host_offset is the offset field, for the error message.
+
+    ``copied`` is the COPIED flag (bit 63), equal for all entries of a run.
+    In extended mode (``ZERO_*`` kinds never occur there: bit 0 is reserved)
+    entries of one run also have identical subcluster bitmaps, so the bitmap
+    of a run's first entry describes every entry (see ``subcluster_runs``).
+    ``data_file``: an external data file is used, so offset 0 with COPIED set
+    is a NORMAL cluster at host offset 0 (as qcow2_get_cluster_type()).
+
+    Raises ValueError unless 9 <= cluster_bits <= 21, IndexError if the range
+    exceeds the table.
+    """
+    mv = _bytes_view(table)
+    if not 9 <= cluster_bits <= 21:
+        raise ValueError(f"invalid cluster_bits {cluster_bits}")
+    esize = 16 if extended else 8
+    n_entries = len(mv) // esize
+    _check_range(start_index, count, n_entries)
+    if start_index + count > _L2_RUN_INDEX_LIMIT:
+        raise IndexError("L2 index beyond 2^32")
+    if count == 0:
+        return []
+    cluster_size = 1 << cluster_bits
+    words = struct.unpack_from(f">{count * esize // 8}Q", mv, start_index * esize)
+    step = esize // 8
+    runs: list[tuple[int, int, int, int, bool]] = []
+    cur_first = cur_n = cur_kind = cur_host = cur_bitmap = 0
+    cur_copied = False
+    for k in range(count):
+        entry = words[k * step]
+        bitmap = words[k * step + 1] if extended else 0
+        kind, host = _classify(entry, bitmap, extended, cluster_bits, data_file)
+        copied = bool(entry & QCOW_OFLAG_COPIED)
+        if cur_n:
+            if (kind == cur_kind and copied == cur_copied and bitmap == cur_bitmap
+                    and kind != L2_COMPRESSED and kind != L2_INVALID
+                    and (kind not in (L2_NORMAL, L2_ZERO_ALLOC)
+                         or host == cur_host + cur_n * cluster_size)):
+                cur_n += 1
+                continue
+            runs.append((cur_first, cur_n, cur_kind, cur_host, cur_copied))
+        cur_first, cur_n, cur_kind, cur_host = start_index + k, 1, kind, host
+        cur_copied, cur_bitmap = copied, bitmap
+    runs.append((cur_first, cur_n, cur_kind, cur_host, cur_copied))
+    return runs
+
+
+def subcluster_runs(bitmap: int, first_sc: int) -> tuple[int, int]:
+    """Classify the run of subclusters starting at ``first_sc`` (0..31).
+
+    ``bitmap`` is the 64-bit subcluster bitmap of an extended L2 entry (bits
+    0-31 allocated, 32-63 reads-as-zero).  Returns ``(kind, n)``: kind is
+    ``SC_ZERO`` (zero bit set; takes precedence as in
+    qcow2_get_subcluster_type()), ``SC_ALLOCATED`` or ``SC_UNALLOCATED``, and
+    n >= 1 the number of consecutive subclusters of that kind.  If any
+    subcluster has both bits set the whole cluster is invalid:
+    ``(SC_INVALID, 32 - first_sc)``.  IndexError unless 0 <= first_sc < 32,
+    ValueError unless 0 <= bitmap < 2^64.
+    """
+    if not 0 <= bitmap <= _U64_MAX:
+        raise ValueError("bitmap must be a 64-bit unsigned integer")
+    if not 0 <= first_sc <= 31:
+        raise IndexError(f"subcluster index {first_sc} outside [0, 32)")
+    alloc = bitmap & 0xFFFFFFFF
+    zero = bitmap >> 32
+    if alloc & zero:
+        return SC_INVALID, 32 - first_sc
+    if zero >> first_sc & 1:
+        kind, same = SC_ZERO, zero
+    elif alloc >> first_sc & 1:
+        kind, same = SC_ALLOCATED, alloc
+    else:
+        kind, same = SC_UNALLOCATED, ~(alloc | zero) & 0xFFFFFFFF
+    rest = ~(same >> first_sc) & _U64_MAX
+    n = (rest & -rest).bit_length() - 1
+    return kind, min(n, 32 - first_sc)
+
+
+# ----------------------------------------------------------------- refcount
+_BE_FORMAT = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+
+def _check_block(mv: memoryview, order: int) -> int:
+    """Validate a refcount block; return its number of entries."""
+    if not 0 <= order <= 6:
+        raise ValueError(f"invalid refcount order {order}")
+    if len(mv) % 8:
+        raise ValueError("refcount block length must be a multiple of 8")
+    return (len(mv) * 8) >> order
+
+
+def _rc_max(order: int) -> int:
+    return (1 << (1 << order)) - 1
+
+
+def _rc_read(mv: memoryview, order: int, index: int, n: int) -> list[int]:
+    if order >= 3:
+        width = 1 << (order - 3)
+        return list(struct.unpack_from(f">{n}{_BE_FORMAT[order]}", mv, index * width))
+    w = 1 << order
+    per_byte = 8 >> order
+    mask = (1 << w) - 1
+    out = []
+    for i in range(index, index + n):
+        out.append(mv[i // per_byte] >> ((i % per_byte) * w) & mask)
+    return out
+
+
+def _rc_write(mv: memoryview, order: int, index: int, values: list[int]) -> None:
+    if order >= 3:
+        width = 1 << (order - 3)
+        struct.pack_into(f">{len(values)}{_BE_FORMAT[order]}", mv, index * width, *values)
+        return
+    w = 1 << order
+    per_byte = 8 >> order
+    mask = (1 << w) - 1
+    for k, v in enumerate(values):
+        i = index + k
+        shift = (i % per_byte) * w
+        b = i // per_byte
+        mv[b] = (mv[b] & ~(mask << shift) & 0xFF) | (v << shift)
+
+
+def refcount_get(block, order: int, index: int) -> int:
+    """Refcount of entry ``index`` of a refcount block of ``1 << order``-bit
+    entries (order 0..6; big-endian for >= 8 bits, lowest index in the least
+    significant bits of a byte for narrower ones)."""
+    mv = _bytes_view(block)
+    total = _check_block(mv, order)
+    if not 0 <= index < total:
+        raise IndexError(f"refcount index {index} outside [0, {total})")
+    return _rc_read(mv, order, index, 1)[0]
+
+
+def refcount_get_range(block, order: int, index: int, n: int) -> array:
+    """Refcounts of entries [index, index + n) as an ``array('Q')``."""
+    mv = _bytes_view(block)
+    total = _check_block(mv, order)
+    _check_range(index, n, total)
+    return array("Q", _rc_read(mv, order, index, n))
+
+
+def refcount_set_range(block, order: int, index: int, n: int, value: int) -> None:
+    """Set entries [index, index + n) of a writable block to ``value``
+    (ValueError unless 0 <= value < 2 ** (1 << order))."""
+    mv = _bytes_view(block, writable=True)
+    total = _check_block(mv, order)
+    if not 0 <= value <= _rc_max(order):
+        raise ValueError(f"refcount {value} does not fit in {1 << order} bits")
+    _check_range(index, n, total)
+    if n:
+        _rc_write(mv, order, index, [value] * n)
+
+
+def refcount_add_range(block, order: int, index: int, n: int, delta: int) -> int:
+    """Add ``delta`` (any int) to entries [index, index + n) of a writable block.
+
+    Returns ``OK``, or ``E_OVERFLOW`` / ``E_UNDERFLOW`` if any entry would leave
+    [0, 2 ** (1 << order)); in that case nothing was modified.
+    """
+    mv = _bytes_view(block, writable=True)
+    total = _check_block(mv, order)
+    _check_range(index, n, total)
+    if n == 0 or delta == 0:
+        return OK
+    values = _rc_read(mv, order, index, n)
+    rc_max = _rc_max(order)
+    if delta < 0:
+        if min(values) + delta < 0:
+            return E_UNDERFLOW
+    elif max(values) + delta > rc_max:
+        return E_OVERFLOW
+    _rc_write(mv, order, index, [v + delta for v in values])
+    return OK
+
+
+def _first_nonzero(mv: memoryview, order: int, start: int, limit: int) -> int:
+    """First entry in [start, limit) with a non-zero refcount, or limit."""
+    if start >= limit:
+        return limit
+    if order >= 3:
+        width = 1 << (order - 3)
+        stripped = bytes(mv[start * width:limit * width]).lstrip(b"\0")
+        if not stripped:
+            return limit
+        first_byte = limit * width - len(stripped)
+        return first_byte // width
+    for i, v in enumerate(_rc_read(mv, order, start, limit - start)):
+        if v:
+            return start + i
+    return limit
+
+
+def refcount_free_run(block, order: int, start: int) -> int:
+    """Number of consecutive zero refcounts from entry ``start`` (which may be
+    the number of entries, giving 0)."""
+    mv = _bytes_view(block)
+    total = _check_block(mv, order)
+    if not 0 <= start <= total:
+        raise IndexError(f"refcount index {start} outside [0, {total}]")
+    return _first_nonzero(mv, order, start, total) - start
+
+
+def refcount_find_free(block, order: int, start: int, n_needed: int) -> int:
+    """Index of the first run of ``n_needed`` (>= 1) zero refcounts at or
+    after ``start``, lying entirely within the block, or -1.  (Runs that
+    continue into the next block are the caller's business: see
+    ``refcount_free_run``.)"""
+    mv = _bytes_view(block)
+    total = _check_block(mv, order)
+    if n_needed < 1:
+        raise ValueError("n_needed must be at least 1")
+    if not 0 <= start <= total:
+        raise IndexError(f"refcount index {start} outside [0, {total}]")
+    values = _rc_read(mv, order, start, total - start)
+    run = 0
+    for i, v in enumerate(values):
+        if v:
+            run = 0
+            continue
+        run += 1
+        if run == n_needed:
+            return start + i - n_needed + 1
+    return -1
+
+
+def refcount_count_nonzero(block, order: int) -> int:
+    """Number of entries of the block with a non-zero refcount."""
+    mv = _bytes_view(block)
+    total = _check_block(mv, order)
+    if order == 0:
+        return int.from_bytes(mv, "little").bit_count()
+    if order == 3:
+        return total - bytes(mv).count(0)
+    return sum(1 for v in _rc_read(mv, order, 0, total) if v)
+
+
+def refcount_compare(computed, block, order: int, first_index: int) -> list[int]:
+    """Block indices ``first_index + i`` where ``computed[i]`` (a sequence of
+    non-negative ints, ideally an ``array('Q')``) differs from the refcount
+    stored in the block (for the image checker)."""
+    mv = _bytes_view(block)
+    total = _check_block(mv, order)
+    n = len(computed)
+    _check_range(first_index, n, total)
+    stored = _rc_read(mv, order, first_index, n)
+    return [first_index + i for i, (a, b) in enumerate(zip(computed, stored)) if a != b]
+
+
+# ------------------------------------------------------------------ bitmaps
+_CHUNK = 1 << 16
+_ZERO_CHUNK = bytes(_CHUNK)
+_ONES_CHUNK = b"\xff" * _CHUNK
+
+
+def _bitmap_view(buf, writable: bool = False) -> memoryview:
+    mv = _bytes_view(buf, writable)
+    if len(mv) % 8:
+        raise ValueError("bitmap length must be a multiple of 8 bytes")
+    return mv
+
+
+def _fill(mv: memoryview, start: int, n: int, value: int) -> None:
+    if n == 0:
+        return
+    end = start + n
+    b0, b1 = start >> 3, end >> 3
+    if b0 == b1:
+        m = ((1 << (end & 7)) - 1) & (0xFF << (start & 7))
+        mv[b0] = (mv[b0] | m) if value else (mv[b0] & ~m & 0xFF)
+        return
+    if start & 7:
+        m = 0xFF << (start & 7) & 0xFF
+        mv[b0] = (mv[b0] | m) if value else (mv[b0] & ~m & 0xFF)
+        b0 += 1
+    mv[b0:b1] = (b"\xff" if value else b"\0") * (b1 - b0)
+    if end & 7:
+        m = (1 << (end & 7)) - 1
+        mv[b1] = (mv[b1] | m) if value else (mv[b1] & ~m & 0xFF)
+
+
+def _bits(mv: memoryview, start: int, end: int) -> int:
+    """Bits [start, end) as an int (bit 0 = bit start)."""
+    b0, b1 = start >> 3, (end + 7) >> 3
+    v = int.from_bytes(mv[b0:b1], "little") >> (start & 7)
+    return v & ((1 << (end - start)) - 1)
+
+
+def bitmap_set_range(buf, start: int, n: int) -> None:
+    """Set bits [start, start + n) of a writable bitmap."""
+    mv = _bitmap_view(buf, writable=True)
+    _check_range(start, n, len(mv) * 8)
+    _fill(mv, start, n, 1)
+
+
+def bitmap_reset_range(buf, start: int, n: int) -> None:
+    """Clear bits [start, start + n) of a writable bitmap."""
+    mv = _bitmap_view(buf, writable=True)
+    _check_range(start, n, len(mv) * 8)
+    _fill(mv, start, n, 0)
+
+
+def bitmap_count(buf, start: int, n: int) -> int:
+    """Number of set bits in [start, start + n)."""
+    mv = _bitmap_view(buf)
+    _check_range(start, n, len(mv) * 8)
+    return _bits(mv, start, start + n).bit_count() if n else 0
+
+
+def _find_bit(mv: memoryview, start: int, end: int, value: int) -> int:
+    boring = _ZERO_CHUNK if value else _ONES_CHUNK
+    pos = start
+    while pos < end:
+        stop = min(end, (pos & ~7) + _CHUNK * 8)
+        if boring.startswith(mv[pos >> 3:(stop + 7) >> 3]):   # memcmp
+            pos = stop
+            continue
+        bits = _bits(mv, pos, stop)
+        if not value:
+            bits = ~bits & ((1 << (stop - pos)) - 1)
+        if bits:
+            return pos + (bits & -bits).bit_length() - 1
+        pos = stop
+    return -1
+
+
+def bitmap_next_set(buf, start: int, end: int) -> int:
+    """First set bit in [start, end), or -1."""
+    mv = _bitmap_view(buf)
+    _check_span(start, end, len(mv) * 8)
+    return _find_bit(mv, start, end, 1)
+
+
+def bitmap_next_clear(buf, start: int, end: int) -> int:
+    """First clear bit in [start, end), or -1."""
+    mv = _bitmap_view(buf)
+    _check_span(start, end, len(mv) * 8)
+    return _find_bit(mv, start, end, 0)
+
+
+def bitmap_next_dirty_area(buf, start: int, end: int, max_len: int) -> tuple[int, int] | None:
+    """First run of set bits in [start, end) as ``(first, length)``, with
+    length clipped to ``max_len`` (>= 1) and to ``end``; None if no bit is set
+    (mirrors hbitmap_next_dirty_area())."""
+    mv = _bitmap_view(buf)
+    if max_len < 1:
+        raise ValueError("max_len must be at least 1")
+    _check_span(start, end, len(mv) * 8)
+    first = _find_bit(mv, start, end, 1)
+    if first < 0:
+        return None
+    limit = min(end, first + max_len)
+    clear = _find_bit(mv, first, limit, 0)
+    return first, (limit if clear < 0 else clear) - first
+
+
+def bitmap_merge_or(dst, src) -> None:
+    """``dst |= src`` for two bitmaps of the same length (else ValueError)."""
+    dmv = _bitmap_view(dst, writable=True)
+    smv = _bitmap_view(src)
+    if len(dmv) != len(smv):
+        raise ValueError("bitmaps differ in length")
+    for off in range(0, len(dmv), _CHUNK):
+        a = dmv[off:off + _CHUNK]
+        merged = int.from_bytes(a, "little") | int.from_bytes(smv[off:off + _CHUNK], "little")
+        a[:] = merged.to_bytes(len(a), "little")
+
+
+def bitmap_serialize(buf, start: int, n: int) -> bytes:
+    """Bits [start, start + n) in the qcow2 on-disk bitmap format: ceil(n / 8)
+    bytes, bit j of the result being bit start + j, unused tail bits zero."""
+    mv = _bitmap_view(buf)
+    _check_range(start, n, len(mv) * 8)
+    if start & 7 == 0:
+        out = bytearray(mv[start >> 3:(start + n + 7) >> 3])
+        if n & 7:
+            out[-1] &= (1 << (n & 7)) - 1
+        return bytes(out)
+    return _bits(mv, start, start + n).to_bytes((n + 7) >> 3, "little")
+
+
+def bitmap_deserialize(buf, start: int, n: int, data) -> None:
+    """Overwrite bits [start, start + n) of a writable bitmap with bits
+    [0, n) of ``data`` (qcow2 on-disk bitmap format; at least ceil(n / 8)
+    bytes, IndexError otherwise).  Other bits are left alone."""
+    mv = _bitmap_view(buf, writable=True)
+    dmv = _bytes_view(data)
+    _check_range(start, n, len(mv) * 8)
+    if len(dmv) < (n + 7) >> 3:
+        raise IndexError("data shorter than the bit range")
+    if n == 0:
+        return
+    end = start + n
+    b0, b1 = start >> 3, (end + 7) >> 3
+    old = int.from_bytes(mv[b0:b1], "little")
+    sh = start & 7
+    mask = ((1 << n) - 1) << sh
+    new = (int.from_bytes(dmv[:(n + 7) >> 3], "little") << sh) & mask
+    mv[b0:b1] = ((old & ~mask) | new).to_bytes(b1 - b0, "little")
+
+
+def buffer_is_zero(buf, offset: int = 0, length: int | None = None) -> bool:
+    """True iff bytes [offset, offset + length) of ``buf`` are all zero
+    (length defaults to the rest of the buffer; an empty range is zero)."""
+    mv = _bytes_view(buf)
+    if length is None:
+        length = len(mv) - offset
+    _check_range(offset, length, len(mv))
+    end = offset + length
+    for pos in range(offset, end, _CHUNK):
+        if not _ZERO_CHUNK.startswith(mv[pos:min(end, pos + _CHUNK)]):   # memcmp
+            return False
+    return True
+
+
+def zero_runs(buf, granularity: int) -> list[tuple[int, int, bool]]:
+    """Split ``buf`` into chunks of ``granularity`` (>= 1) bytes (the last one
+    may be shorter) and return maximal runs of all-zero / not-all-zero chunks
+    as ``(start, length, is_zero)``, alternating, covering the whole buffer
+    (for qemu-img convert -S)."""
+    if granularity < 1:
+        raise ValueError("granularity must be at least 1")
+    mv = _bytes_view(buf)
+    runs: list[tuple[int, int, bool]] = []
+    size = len(mv)
+    cur_start = cur_len = 0
+    cur_zero = False
+    zero_chunk = bytes(granularity) if granularity <= _CHUNK else None
+    for off in range(0, size, granularity):
+        chunk = mv[off:off + granularity]
+        if zero_chunk is not None:
+            z = zero_chunk.startswith(chunk)
+        else:
+            z = buffer_is_zero(chunk)
+        if cur_len and z == cur_zero:
+            cur_len += len(chunk)
+            continue
+        if cur_len:
+            runs.append((cur_start, cur_len, cur_zero))
+        cur_start, cur_len, cur_zero = off, len(chunk), z
+    if cur_len:
+        runs.append((cur_start, cur_len, cur_zero))
+    return runs

@@ -1,0 +1,188 @@
+/*
+ * be.h - blockengine native hot paths (the C half of blockengine._native).
+ *
+ * Theory of operation
+ * -------------------
+ * A handful of bulk functions over caller-owned buffers.  Every function:
+ *   - takes each buffer as a pointer plus its length in bytes and never
+ *     touches memory outside [ptr, ptr + len);
+ *   - validates its arguments and returns a status code: >= 0 is a result
+ *     (a count, an index, ...), BE_NONE means "nothing found" and every other
+ *     negative value is an error (BE_E*);
+ *   - never allocates memory: results go into caller-provided arrays;
+ *   - keeps no global state, so it is safe to call without the GIL from
+ *     several threads on distinct buffers.
+ *
+ * On-disk data is big-endian as qcow2 stores it (L2 entries, refcounts of
+ * 8 bits and more).  In-memory dirty bitmaps are arrays of little-endian
+ * 64-bit words (bit i lives in word i / 64, bit i % 64), which is byte for
+ * byte the qcow2 on-disk bitmap layout (bit i in byte i / 8, bit i % 8).
+ *
+ * The part between the CDEF markers is fed verbatim to cffi's cdef(), so it
+ * must only contain integer #defines, typedefs and prototypes.
+ */
+#ifndef BE_H
+#define BE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* BEGIN CDEF */
+
+/* Status codes. */
+#define BE_OK 0
+#define BE_NONE -1          /* nothing found (not an error) */
+#define BE_EINVAL -2        /* invalid parameter (order, cluster_bits, ...) */
+#define BE_ERANGE -3        /* index or length outside the buffer */
+#define BE_EOVERFLOW -4     /* refcount would exceed its maximum */
+#define BE_EUNDERFLOW -5    /* refcount would drop below zero */
+
+/* Kinds of L2 runs (be_run.kind). */
+#define BE_L2_UNALLOCATED 0 /* no host offset, no zero flag */
+#define BE_L2_ZERO_PLAIN 1  /* zero flag, no host offset */
+#define BE_L2_ZERO_ALLOC 2  /* zero flag with a (preallocated) host offset */
+#define BE_L2_NORMAL 3      /* data at host_offset, contiguous */
+#define BE_L2_COMPRESSED 4  /* one compressed cluster */
+#define BE_L2_INVALID 5     /* corrupt entry: one entry per run */
+
+/* Kinds of subcluster runs (extended L2 entries). */
+#define BE_SC_UNALLOCATED 0
+#define BE_SC_ZERO 1
+#define BE_SC_ALLOCATED 2
+#define BE_SC_INVALID 3     /* allocated and zero bits overlap in the bitmap */
+
+typedef struct be_run {
+    uint32_t first_index;   /* L2 index of the first entry of the run */
+    uint32_t n;             /* number of entries in the run (>= 1) */
+    uint32_t kind;          /* BE_L2_* */
+    uint32_t copied;        /* 1 if QCOW_OFLAG_COPIED is set on all entries */
+    uint64_t host_offset;   /* host offset of the first entry, or 0 */
+} be_run;
+
+typedef struct be_zrun {
+    uint64_t start;         /* byte offset into the buffer */
+    uint64_t length;        /* bytes; a multiple of granularity except at EOB */
+    uint32_t is_zero;
+} be_zrun;
+
+/* --- l2.c ---------------------------------------------------------------- */
+
+/* Classify entries [start_index, start_index + count) of an L2 table into
+ * runs.  Writes at most max_runs complete runs and returns how many it wrote;
+ * if fewer entries than count were covered, call again from
+ * runs[ret - 1].first_index + runs[ret - 1].n (runs end where the entries
+ * dictate, so resuming gives the same answer as one big call). */
+int64_t be_l2_scan(const uint8_t *table, size_t table_len,
+                   int64_t start_index, int64_t count,
+                   int extended, int cluster_bits, int data_file,
+                   be_run *runs, size_t max_runs);
+
+/* Classify the run of subclusters starting at first_sc (0..31) of an
+ * extended L2 subcluster bitmap.  Returns the BE_SC_* kind and stores the
+ * run length (1..32 - first_sc) in *n. */
+int be_subcluster_run(uint64_t bitmap, int first_sc, uint32_t *n);
+
+/* --- refcount.c ---------------------------------------------------------- */
+/* Refcount blocks hold (len * 8) >> order entries; len must be a multiple of
+ * 8 and order in 0..6. */
+
+int be_refcount_get(const uint8_t *block, size_t len, int order,
+                    int64_t index, uint64_t *out);
+int be_refcount_get_range(const uint8_t *block, size_t len, int order,
+                          int64_t index, int64_t n, uint64_t *out);
+int be_refcount_set_range(uint8_t *block, size_t len, int order,
+                          int64_t index, int64_t n, uint64_t value);
+/* Adds (negative ? -1 : 1) * magnitude to every entry; checks all entries
+ * first, so on BE_EOVERFLOW/BE_EUNDERFLOW the block is unchanged. */
+int be_refcount_add_range(uint8_t *block, size_t len, int order,
+                          int64_t index, int64_t n,
+                          uint64_t magnitude, int negative);
+int64_t be_refcount_free_run(const uint8_t *block, size_t len, int order,
+                             int64_t start);
+int64_t be_refcount_find_free(const uint8_t *block, size_t len, int order,
+                              int64_t start, int64_t n_needed);
+int64_t be_refcount_count_nonzero(const uint8_t *block, size_t len, int order);
+/* Compares computed[0..n) with entries [first_index, first_index + n),
+ * starting at position *pos; writes at most max_out mismatching block
+ * indices to out, returns how many, and advances *pos (== n when done). */
+int64_t be_refcount_compare(const uint64_t *computed, int64_t n,
+                            const uint8_t *block, size_t len, int order,
+                            int64_t first_index, int64_t *pos,
+                            uint64_t *out, size_t max_out);
+
+/* --- bitmap.c ------------------------------------------------------------ */
+/* Bitmaps: len must be a multiple of 8; bits are numbered 0..len * 8. */
+
+int be_bitmap_set_range(uint8_t *buf, size_t len, int64_t start, int64_t n);
+int be_bitmap_reset_range(uint8_t *buf, size_t len, int64_t start, int64_t n);
+int64_t be_bitmap_count(const uint8_t *buf, size_t len,
+                        int64_t start, int64_t n);
+int64_t be_bitmap_next_set(const uint8_t *buf, size_t len,
+                           int64_t start, int64_t end);
+int64_t be_bitmap_next_clear(const uint8_t *buf, size_t len,
+                             int64_t start, int64_t end);
+/* Returns the start of the area (or BE_NONE) and stores its length. */
+int64_t be_bitmap_next_dirty_area(const uint8_t *buf, size_t len,
+                                  int64_t start, int64_t end,
+                                  int64_t max_len, int64_t *length);
+int be_bitmap_merge_or(uint8_t *dst, size_t dst_len,
+                       const uint8_t *src, size_t src_len);
+int be_bitmap_serialize(const uint8_t *buf, size_t len,
+                        int64_t start, int64_t n,
+                        uint8_t *out, size_t out_len);
+int be_bitmap_deserialize(uint8_t *buf, size_t len, int64_t start, int64_t n,
+                          const uint8_t *data, size_t data_len);
+
+/* Zero detection over plain byte buffers (any length). */
+int be_buffer_is_zero(const uint8_t *buf, size_t len);
+/* Like be_l2_scan: writes at most max_runs complete runs of the buffer from
+ * byte offset start (a multiple of granularity); resume at the end of the
+ * last run. */
+int64_t be_zero_runs(const uint8_t *buf, size_t len, int64_t start,
+                     int64_t granularity, be_zrun *runs, size_t max_runs);
+
+/* END CDEF */
+
+/* --- internal helpers shared by the .c files (not part of the cdef) ------ */
+
+#if !defined(__GNUC__)
+#error "blockengine native code needs GCC or clang builtins"
+#endif
+
+#include <string.h>
+
+static inline uint64_t be_ld64le(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline void be_st64le(uint8_t *p, uint64_t v)
+{
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
+static inline uint64_t be_ld64be(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+/* True iff [start, start + n) lies within [0, limit); overflow-safe. */
+static inline int be_range_ok(int64_t start, int64_t n, int64_t limit)
+{
+    return start >= 0 && n >= 0 && start <= limit && n <= limit - start;
+}
+
+#endif /* BE_H */
