@@ -255,14 +255,18 @@ def test_tcp_monitor(tmp_path):
                              f"socket,id=t,host=127.0.0.1,port={port},server=on,wait=off",
                              "--monitor", "chardev=t"], env=env)
     try:
+        deadline = time.monotonic() + 20
+        while True:                     # wait until it listens (a failed connect attempt
+            try:                        # would leave QMPClient in a half-closed state)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+
         async def go():
             qmp = QMPClient("tcp")
-            for _ in range(200):
-                try:
-                    await qmp.connect(("127.0.0.1", port))
-                    break
-                except Exception:       # noqa: BLE001 - not listening yet
-                    await asyncio.sleep(0.05)
+            await qmp.connect(("127.0.0.1", port))
             assert await qmp.execute("query-block") == []
             try:
                 await qmp.execute("quit")
