@@ -185,10 +185,14 @@ class BlockBackend:
         self.root = None
         self.stats = BlockAcctStats()
         self.removable = removable
+        self.has_tray = removable
         self.dev_type = dev_type
+        self.qdev_id = ""           # the guest device's id (QEMU's qdev id)
+        self.attached = False       # a guest device uses this backend
         self.tray_open = False
         self.locked = False
         self.io_status = "ok"
+        self.iostatus_enabled = False
         self.read_only_device = not (perm & Perm.WRITE)
         self.throttle_group = None
         if name is not None:

@@ -8,3 +8,5 @@ class QMPContext:
         self.graph = graph or Graph(events=events)
         if graph is not None:
             graph.events = events
+        # set by a server: called by the 'quit' command after its response is queued
+        self.on_quit = None

@@ -74,8 +74,7 @@ class QuorumDriver(BlockDriver):
 
     # ---- x-blockdev-change ------------------------------------------------------------
     def add_child(self, node) -> None:
-        if node.parents:
-            raise BlockError("The node %s already has a parent" % node.node_name)
+        """Attach ``node`` as the next children.N (the caller checked it has no parent)."""
         if self.is_blkverify:
             raise BlockError("Cannot add a child to a quorum in blkverify mode")
         name = "children.%d" % self.next_child_index

@@ -70,6 +70,8 @@ def x_blockdev_change(ctx, args: dict):
         add = getattr(parent.drv, "add_child", None)
         if add is None:
             raise BlockError("The node %s does not support adding a child" % parent.node_name)
+        if new.parents:
+            raise BlockError("The node %s already has a parent" % new.node_name)
         add(new)
     return {}
 

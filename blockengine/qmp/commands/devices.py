@@ -62,7 +62,7 @@ def get_blk(ctx, device: str | None, qdev_id: str | None) -> BlockBackend:
     backends = ctx.graph.backends
     if qdev_id is not None:
         for blk in backends.values():
-            if getattr(blk, "qdev_id", None) == qdev_id:
+            if blk.qdev_id == qdev_id:
                 return blk
         if qdev_id in backends:
             # a backend without a device model (e.g. created by a library user)
@@ -75,7 +75,7 @@ def get_blk(ctx, device: str | None, qdev_id: str | None) -> BlockBackend:
 
 
 def _has_tray(blk) -> bool:
-    return bool(getattr(blk, "has_tray", blk.removable))
+    return blk.has_tray
 
 
 def _attached(blk) -> bool:
@@ -93,7 +93,7 @@ def _change_media(ctx, blk, load: bool) -> None:
             blk.locked = False
     if was_open != blk.tray_open:
         ctx.events.emit("DEVICE_TRAY_MOVED", {"device": blk.name or "",
-                                              "id": getattr(blk, "qdev_id", "") or "",
+                                              "id": blk.qdev_id or "",
                                               "tray-open": blk.tray_open})
 
 

@@ -15,7 +15,7 @@ from ...graph.backend import BlockBackend
 def quit_(ctx, args: dict):
     """The server stops after sending the response (QMPServer sets ctx.on_quit)."""
     ctx.quit_requested = True
-    hook = getattr(ctx, "on_quit", None)
+    hook = ctx.on_quit
     if hook is not None:
         hook()
     return {}

@@ -25,9 +25,8 @@ def block_info(blk) -> dict:
         info["tray_open"] = blk.tray_open
     if blk.root_node is not None:
         info["inserted"] = block_device_info(blk.root_node,
-                                             throttle=getattr(blk, "throttle_info",
-                                                              lambda: None)())
-    if getattr(blk, "iostatus_enabled", False):
+                                             throttle=blk.throttle_info())
+    if blk.iostatus_enabled:
         info["io-status"] = blk.io_status
     return info
 
