@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 RSS_TARGET_MIB = 64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)                 # run from a source tree without installing
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 
 @dataclass

@@ -147,9 +147,12 @@ def merge_extra(tables: dict[str, dict], extra) -> dict[str, list[str]]:
             if name in tables[table]:
                 raise SchemaSyntaxError(f"extra.{table} redefines {name}")
             tables[table][name] = definition
+    for name, values in getattr(extra, "ENUM_ADDITIONS", {}).items():
+        tables["ENUMS"][name] = list(tables["ENUMS"][name]) + [
+            v for v in values if v not in tables["ENUMS"][name]]
     for table, updates in extra.MEMBER_UPDATES.items():
         for name, members in updates.items():
-            data = tables[table][name]["data"]
+            data = tables[table][name].setdefault("data", {})
             for member, type_ref in members.items():
                 clashing = [m for m in data if _bare(m) == _bare(member) and m != member]
                 if clashing:

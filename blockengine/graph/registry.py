@@ -13,9 +13,12 @@ _DRIVERS = {
     "null-aio": "blockengine.drivers.protocol.null:NullAioDriver",
     "raw": "blockengine.drivers.format.raw:RawDriver",
     "blkdebug": "blockengine.drivers.filter.blkdebug:BlkdebugDriver",
+    "crash-inject": "blockengine.drivers.filter.crash_inject:CrashInjectDriver",
     "copy-before-write": "blockengine.drivers.filter.copy_before_write:CopyBeforeWriteDriver",
     "qcow2": "blockengine.drivers.format.qcow2.driver:Qcow2Driver",
     "quorum": "blockengine.drivers.filter.quorum:QuorumDriver",
+    "luks": "blockengine.drivers.format.luks:LuksDriver",
+    "vmdk": "blockengine.drivers.format.vmdk:VmdkDriver",
 }
 
 

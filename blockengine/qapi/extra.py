@@ -33,6 +33,7 @@ ENUMS = {
     'QCryptoHashAlgorithm': ['md5', 'sha1', 'sha224', 'sha256', 'sha384', 'sha512',
                              'ripemd160'],
     'QMPCapability': ['oob'],
+    'BitmapSyncMode': ['on-success', 'never', 'always'],
     'JobType': ['commit', 'stream', 'mirror', 'backup', 'create', 'amend',
                 'snapshot-load', 'snapshot-save', 'snapshot-delete'],
     'JobStatus': ['undefined', 'created', 'running', 'paused', 'ready', 'standby',
@@ -115,18 +116,26 @@ EVENTS = {
 }
 
 _JOB_AUTO = {'*auto-finalize': 'bool', '*auto-dismiss': 'bool'}
+_BACKUP_7_2 = {'*bitmap-mode': 'BitmapSyncMode', '*filter-node-name': 'str'}
+
+# values QEMU 7.2 added to block-core enums
+ENUM_ADDITIONS = {
+    'MirrorSyncMode': ['bitmap'],
+}
 
 MEMBER_UPDATES = {
     'STRUCTS': {
         'BlockDirtyBitmapAdd': {'*persistent': 'bool', '*disabled': 'bool'},
         'BlockdevOptionsGenericCOWFormat': {'*backing': 'BlockdevRefOrNull'},
-        'DriveBackup': _JOB_AUTO,
-        'BlockdevBackup': _JOB_AUTO,
+        'DriveBackup': {**_JOB_AUTO, **_BACKUP_7_2},
+        'BlockdevBackup': {**_JOB_AUTO, **_BACKUP_7_2, '*bitmap': 'str'},
         'DriveMirror': _JOB_AUTO,
     },
     'COMMANDS': {
-        'block-stream': _JOB_AUTO,
-        'block-commit': _JOB_AUTO,
+        'block-stream': {**_JOB_AUTO, '*bottom': 'str', '*filter-node-name': 'str'},
+        'block-commit': {**_JOB_AUTO, '*base-node': 'str', '*top-node': 'str',
+                         '*on-error': 'BlockdevOnError'},
         'blockdev-mirror': _JOB_AUTO,
+        'query-named-block-nodes': {'*flat': 'bool'},
     },
 }

@@ -3,10 +3,36 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import tempfile
 import time
+
+
+class _LineFile:
+    """File-like access to the monitor socket sharing QSD's read buffer."""
+
+    def __init__(self, qsd):
+        self.qsd = qsd
+
+    def write(self, data: bytes) -> int:
+        self.qsd.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def readline(self) -> bytes:
+        q = self.qsd
+        while b"\n" not in q.buf:
+            chunk = q.sock.recv(65536)
+            if not chunk:
+                line, q.buf = q.buf, b""
+                return line
+            q.buf += chunk
+        line, q.buf = q.buf.split(b"\n", 1)
+        return line + b"\n"
 
 
 class QSD:
@@ -23,17 +49,41 @@ class QSD:
                 raise RuntimeError("qemu-storage-daemon did not start: %s"
                                    % self.proc.stderr.read().decode())
             time.sleep(0.01)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self.sock_path)
-        self.file = self.sock.makefile("rwb")
+        while True:     # the socket file exists a moment before the daemon listens
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(self.sock_path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.sock.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    raise
+                time.sleep(0.01)
+        self.buf = b""
+        self.file = _LineFile(self)       # raw wire access: write/flush/readline
         self.events: list[dict] = []
-        self._read()                                   # greeting
-        self.cmd("qmp_capabilities")
+        self.timeout = 60.0                            # for one command's answer
+        try:
+            self._read(self.timeout)                   # greeting
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self.kill()
+            raise
 
-    def _read(self) -> dict:
-        line = self.file.readline()
-        if not line:
-            raise RuntimeError("qemu-storage-daemon closed the monitor")
+    def _read(self, timeout: float | None = None) -> dict:
+        """One JSON line; TimeoutError after ``timeout`` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    raise TimeoutError("no message from qemu-storage-daemon")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("qemu-storage-daemon closed the monitor")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
     def raw(self, _cmd: str, **args) -> dict:
@@ -41,10 +91,10 @@ class QSD:
         msg = {"execute": _cmd}
         if args:
             msg["arguments"] = args
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + self.timeout
         while True:
-            r = self._read()
+            r = self._read(max(0.0, deadline - time.monotonic()))
             if "event" in r:
                 self.events.append(r)
                 continue
@@ -54,6 +104,8 @@ class QSD:
         r = self.raw(_cmd, **args)
         if "error" in r:
             raise RuntimeError(r["error"]["desc"])
+        if "return" not in r:
+            raise RuntimeError("unexpected QMP message: %r" % (r,))
         return r["return"]
 
     def error(self, _cmd: str, **args) -> str:
@@ -68,21 +120,25 @@ class QSD:
             if e["event"] == name and not e.get("_seen"):
                 e["_seen"] = True
                 return e
-        self.sock.settimeout(timeout)
-        while time.monotonic() < deadline:
-            r = self._read()
+        while True:
+            r = self._read(max(0.0, deadline - time.monotonic()))
             if "event" in r:
                 self.events.append(r)
                 if r["event"] == name:
                     r["_seen"] = True
                     return r
-        raise TimeoutError(name)
 
     def event_list(self) -> list:
         """Events so far as (name, data-without-timestamps) pairs."""
         return [(e["event"], e.get("data", {})) for e in self.events]
 
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
     def close(self) -> None:
+        self.timeout = 5.0
         try:
             self.raw("quit")
         except Exception:
@@ -90,6 +146,5 @@ class QSD:
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
         self.sock.close()

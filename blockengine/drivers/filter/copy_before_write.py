@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ...errors import InvalidArgument
 from ...graph.child import ChildRole
-from ...graph.perms import Perm, filter_perms
+from ...graph.perms import Perm, default_child_perm
 from ..base import DriverInfo, DriverKind
 from .common import PassthroughFilter
 
@@ -55,10 +55,14 @@ class CopyBeforeWriteDriver(PassthroughFilter):
             self.source.before_write_notifiers.remove(self._before_write)
 
     def child_perm(self, child, perm, shared):
+        """cbw_child_perm() of QEMU 7.2: the target is written and shares all but
+        resize; the source is used as its parents use the filter, and once the filter
+        has parents nobody else may write or resize it."""
         if child.name == "target":
-            return (Perm.WRITE | Perm.CONSISTENT_READ,
-                    Perm.all() & ~(Perm.WRITE | Perm.RESIZE))
-        p, s = filter_perms(perm, shared)
-        if p & Perm.WRITE:
-            p |= Perm.CONSISTENT_READ
-        return p | Perm.CONSISTENT_READ, s & ~Perm.RESIZE
+            return Perm.WRITE, Perm.all() & ~Perm.RESIZE
+        p, s = default_child_perm(self.node, child, perm, shared)
+        if self.node.parents:
+            if perm & Perm.WRITE:
+                p |= Perm.CONSISTENT_READ
+            s &= ~(Perm.WRITE | Perm.RESIZE)
+        return p, s

@@ -10,6 +10,7 @@ import os
 
 from ...errors import BlockError, InvalidArgument
 from ...graph import registry
+from ...graph.child import ChildRole
 from ...graph.node import BlockNode
 from ...jobs.backup import BackupJob, check_backup_args
 from ...jobs.commit import ActiveCommitJob, CommitJob
@@ -87,9 +88,8 @@ def _mirror_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> Mir
     if sync == "top" and source.backing is None:
         sync = "full"
     replaces = args.get("replaces")
-    if replaces is not None and ctx.graph.find_node(replaces) is None:
-        raise InvalidArgument("Cannot find device='%s' nor node-name='%s'"
-                              % (replaces, replaces))
+    if replaces is not None:
+        _check_to_replace(ctx, source, replaces)
     _check_speed(args)
     job = MirrorJob(ctx.graph, args.get("job-id"), source, target, sync=sync,
                     granularity=args.get("granularity"), buf_size=args.get("buf-size"),
@@ -101,6 +101,23 @@ def _mirror_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> Mir
                     filter_node_name=args.get("filter-node-name"), **_common(args))
     job.start()
     return job
+
+
+def _check_to_replace(ctx, source: BlockNode, name: str) -> None:
+    """check_to_replace_node(): the node must be the source or below it through filters."""
+    node = ctx.graph.find_node(name)
+    if node is None:
+        raise InvalidArgument("Failed to find node with node-name='%s'" % name)
+    check_op_blockers(node)
+    n = source
+    while n is not None:
+        if n is node:
+            return
+        c = n.filtered_child()
+        n = c.node if c is not None and not c.role & ChildRole.COW else None
+    raise BlockError("Cannot replace '%s' by a node mirrored from '%s', because it cannot "
+                     "be guaranteed that doing so would not lead to an abrupt change of "
+                     "visible data" % (name, source.node_name))
 
 
 def blockdev_mirror(ctx, args: dict):

@@ -1,11 +1,10 @@
-"""quit, block_passwd, change-backing-file, and query-jobs while no jobs module has it.
+"""quit, block_passwd and change-backing-file.
 
 (query-version is registered by QMPEngine itself.)
 """
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 
 from ...errors import BlockError
@@ -95,24 +94,8 @@ def _check_blockers(node) -> None:
     check_op_blockers(node)
 
 
-def query_jobs(ctx, args: dict):
-    try:
-        from ...jobs.job import jobs_of
-    except ImportError:         # pragma: no cover
-        return []
-    out = []
-    for job in jobs_of(ctx.graph).jobs.values():
-        info = getattr(job, "query_job", None)
-        if info is not None:
-            out.append(info())
-    return out
-
-
 COMMANDS = {
     "quit": quit_,
     "block_passwd": block_passwd,
     "change-backing-file": change_backing_file,
 }
-# the jobs area (commands/jobs.py) owns query-jobs once it exists
-if importlib.util.find_spec(__name__.rsplit(".", 1)[0] + ".jobs") is None:
-    COMMANDS["query-jobs"] = query_jobs

@@ -114,6 +114,8 @@ class Qcow2Cache:
         self.dirty: set[int] = set()
         self.depends: "Qcow2Cache | None" = None
         self.writable = True
+        # qcow2_pre_write_overlap_check() for this cache's tables: overlap(offset, size)
+        self.overlap = None
 
     # ---- lookup ----------------------------------------------------------------------
     def get(self, offset: int) -> bytearray:
@@ -161,9 +163,27 @@ class Qcow2Cache:
                 self._insert(offset, table)
         self.dirty.add(offset)
 
+    # ---- dependencies (qcow2_cache_set_dependency / qcow2_cache_flush_dependency) ------
+    def set_dependency(self, dependency: "Qcow2Cache") -> None:
+        """Entries of this cache may only be written after dependency's are stable."""
+        if dependency.depends is not None:
+            dependency._flush_dependency()
+        if self.depends is not None and self.depends is not dependency:
+            self._flush_dependency()
+        self.depends = dependency
+
+    def _flush_dependency(self) -> None:
+        dep = self.depends
+        if dep is not None:
+            dep.flush()
+            self.file.flush()
+        self.depends = None
+
     def _write_back(self, offset: int, table: bytearray) -> None:
-        if self.depends is not None and self.depends.dirty:
-            self.depends.flush()
+        if self.depends is not None:
+            self._flush_dependency()
+        if self.overlap is not None:
+            self.overlap(offset, len(table))
         self.file.pwrite(offset, table)
         self.dirty.discard(offset)
 
@@ -171,11 +191,13 @@ class Qcow2Cache:
         """qcow2_cache_write(): write every dirty entry (dependencies first)."""
         if not self.dirty:
             return
-        if self.depends is not None and self.depends.dirty:
-            self.depends.flush()
+        if self.depends is not None:
+            self._flush_dependency()
         for off in sorted(self.dirty):
+            if self.overlap is not None:
+                self.overlap(off, self.entry_size)
             self.file.pwrite(off, self.entries[off])
-        self.dirty.clear()
+            self.dirty.discard(off)
 
     def discard(self, offset: int) -> None:
         """qcow2_cache_discard(): forget an entry without writing it."""

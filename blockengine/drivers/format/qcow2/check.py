@@ -1,384 +1,816 @@
-"""Consistency check (QEMU's qcow2_check_refcounts() in qcow2-refcount.c).
+"""Consistency check and repair (QEMU 7.2's qcow2_co_check_locked() and
+qcow2_check_refcounts() in qcow2-refcount.c).
 
 Theory of operation: refcounts are recomputed from every structure that references
-host clusters (header, L1/L2 tables and data of the active state and of every
-snapshot, the snapshot table, the refcount table and blocks, the bitmap directory and
-tables) into an in-memory table of 64-bit counters (``_native.refcount_add_range`` on
-runs), then compared to the stored refcounts.  A stored refcount above the computed
-one is a leak, below it a corruption.  With fix='leaks' (or 'all') leaks are repaired
-by lowering the stored refcounts; with 'all' too-low refcounts are raised and wrong
-OFLAG_COPIED flags corrected.  Messages go to ``driver.check_messages`` with QEMU's
-texts (qemu-img prints them to stderr).
+host clusters (header, the active L1/L2 tables and data, every snapshot's L1/L2
+tables, the snapshot table, the refcount table and blocks, the bitmap directory and
+bitmap tables) into an in-memory refcount table (IMRT) that has the image's own
+refcount width, so that a slice of it is a valid refcount block.  Comparing it to the
+stored refcounts gives leaks (stored > computed) and corruptions (stored < computed).
+
+Repair follows QEMU step by step: the comparison first runs without fixing; if a
+used cluster has a stored refcount of 0, or the refcount table itself is broken, the
+refcount structures are rebuilt from the IMRT (rebuild_refcount_structure()) and the
+check recomputed; otherwise the comparison is repeated with fixing enabled.  Then
+OFLAG_COPIED is verified on the active L1 and L2 entries.
+
+Every message QEMU prints with fprintf(stderr) is written to stderr as it happens
+(and kept in ``driver.check_messages``); the few QEMU reports with error_report()
+get the program-name prefix.  An internal error raises BlockError with the errno
+qemu-img turns into "Check failed: <strerror>".
 """
 from __future__ import annotations
 
+import errno
+import os
 import struct
-from array import array
+import sys
 
-from .layout import (BITMAP_DIR_ENTRY, CL_COMPRESSED, CL_NORMAL, CL_UNALLOCATED,
-                     CL_ZERO_ALLOC, CL_ZERO_PLAIN, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
-                     L1E_SIZE, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW2_DISCARD_ALWAYS,
-                     QCOW_L2_BITMAP_ALL_ALLOC, QCOW_MAX_L1_SIZE, QCOW_OFLAG_COPIED,
-                     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
-                     REFTABLE_ENTRY_SIZE)
+from ....errors import BlockError
+from .layout import (CL_COMPRESSED, CL_NORMAL, CL_UNALLOCATED, CL_ZERO_ALLOC, CL_ZERO_PLAIN,
+                     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L1E_SIZE, L2E_OFFSET_MASK,
+                     L2E_STD_RESERVED_MASK, OFS_REFCOUNT_TABLE_OFFSET, QCOW2_DISCARD_ALWAYS,
+                     QCOW_L2_BITMAP_ALL_ALLOC, QCOW_L2_BITMAP_ALL_ZEROES, QCOW_MAX_L1_SIZE,
+                     QCOW_MAX_SNAPSHOTS, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                     REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE,
+                     REFTABLE_OFFSET_AND_CLUSTERS, SNAPSHOT_HEADER, BITMAP_DIR_ENTRY)
 from .native import N
+from . import overlap as OL
 
 CHECK_FRAG_INFO = 2
-ORDER64 = 6
+FIX_LEAKS, FIX_ERRORS = 1, 2
+INT64_MAX = (1 << 63) - 1
+INT_MAX = 0x7FFFFFFF
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_MAX_TABLE_SIZE = 0x8000000
 
 
-class _Refs:
-    """The in-memory refcount table (64-bit big-endian counters)."""
+def _hexalt(v: int) -> str:
+    """C's %#x: no 0x prefix for zero."""
+    return "%#x" % v if v else "0"
 
-    def __init__(self, n: int):
-        self.buf = bytearray(8 * max(n, 1))
-        self.n = max(n, 1)
 
-    def grow(self, n: int) -> None:
-        if n > self.n:
-            self.buf += bytes(8 * (n - self.n))
-            self.n = n
+def error_report(msg: str) -> None:
+    """QEMU's error_report(): the program name prefix of the running tool."""
+    try:
+        from ....cli.report import PROG
+        name = PROG.name
+    except Exception:     # pragma: no cover - library use without the CLI
+        name = "qemu-img"
+    sys.stderr.write("%s: %s\n" % (name, msg))
+    sys.stderr.flush()
 
-    def add(self, first: int, count: int) -> None:
-        self.grow(first + count)
-        N.refcount_add_range(self.buf, ORDER64, first, count, 1)
+
+class CheckFailed(BlockError):
+    """An internal error ended the check (QEMU returns -errno)."""
+
+
+def _fail(err: int, msg: str | None = None) -> CheckFailed:
+    return CheckFailed(msg or os.strerror(err), errno=err)
+
+
+def _new_res() -> dict:
+    return {"check-errors": 0, "corruptions": 0, "leaks": 0, "corruptions-fixed": 0,
+            "leaks-fixed": 0, "allocated-clusters": 0, "total-clusters": 0,
+            "fragmented-clusters": 0, "compressed-clusters": 0, "image-end-offset": 0}
+
+
+class IMRT:
+    """In-memory refcount table with the image's refcount width; its buffer is kept
+    a whole number of clusters long (realloc_refcount_array())."""
+
+    def __init__(self, s, n: int):
+        self.s = s
+        self.order = s.refcount_order
+        self.max = s.refcount_max
+        self.n = 0
+        self.buf = bytearray()
+        self.resize(n)
+
+    def _bytes(self, n: int) -> int:
+        cs = self.s.cluster_size
+        b = -(-(n << self.order) // 8)
+        return -(-b // cs) * cs
+
+    def resize(self, n: int) -> None:
+        nb = self._bytes(n)
+        if nb > len(self.buf):
+            self.buf += bytes(nb - len(self.buf))
+        self.n = n
 
     def get(self, i: int) -> int:
-        return N.refcount_get(self.buf, ORDER64, i) if i < self.n else 0
+        return N.refcount_get(self.buf, self.order, i)
+
+    def set(self, i: int, v: int) -> None:
+        N.refcount_set_range(self.buf, self.order, i, 1, v)
+
+    def clear(self) -> None:
+        self.buf[:] = bytes(len(self.buf))
 
 
 class Checker:
-    def __init__(self, s, fix: str | None):
+    def __init__(self, s, fix: int):
         self.s = s
-        self.fix_leaks = fix in ("leaks", "all")
-        self.fix_errors = fix in ("errors", "all")
-        self.res = {"check-errors": 0, "corruptions": 0, "leaks": 0,
-                    "corruptions-fixed": 0, "leaks-fixed": 0,
-                    "allocated-clusters": 0, "total-clusters": 0,
-                    "fragmented-clusters": 0, "compressed-clusters": 0}
+        self.fix = fix
+        self.res = _new_res()
         self.msgs = s.check_messages = []
 
     def msg(self, text: str) -> None:
+        """fprintf(stderr, ...)."""
         self.msgs.append(text)
+        if getattr(self.s, "print_check_messages", True):
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
-    # ---- computing ---------------------------------------------------------------------
-    def inc(self, offset: int, size: int) -> None:
-        """qcow2_inc_refcounts_imrt()."""
+    # ---- qcow2_inc_refcounts_imrt ---------------------------------------------------
+    def inc(self, res: dict, imrt: IMRT, offset: int, size: int) -> None:
+        s = self.s
         if size <= 0:
             return
-        cb = self.s.cluster_bits
+        cs, cb = s.cluster_size, s.cluster_bits
+        file_len = s.file.total_size
+        if offset + size - file_len >= cs:
+            self.msg("ERROR: counting reference for region exceeding the end of the file by "
+                     "one cluster or more: offset 0x%x size 0x%x" % (offset, size))
+            res["corruptions"] += 1
+            return
         first = offset >> cb
         last = (offset + size - 1) >> cb
-        self.refs.add(first, last - first + 1)
-        if self.s.refcount_order < 6:
-            vals = N.refcount_get_range(self.refs.buf, ORDER64, first, last - first + 1)
-            if max(vals) > self.s.refcount_max:
-                for k, v in enumerate(vals):
-                    if v > self.s.refcount_max:
-                        N.refcount_set_range(self.refs.buf, ORDER64, first + k, 1,
-                                             self.s.refcount_max)
-                        self.msg("ERROR: overflow cluster offset=0x%x" % ((first + k) << cb))
-                        self.msg("Use qemu-img amend to increase the refcount entry width or "
-                                 "qemu-img convert to create a clean copy if the image cannot "
-                                 "be opened for writing")
-                        self.res["corruptions"] += 1
+        if last >= imrt.n:
+            imrt.resize(last + 1)
+        n = last - first + 1
+        if N.refcount_add_range(imrt.buf, imrt.order, first, n, 1) == N.OK:
+            return
+        for k in range(first, last + 1):
+            v = imrt.get(k)
+            if v == imrt.max:
+                self.msg("ERROR: overflow cluster offset=0x%x" % (k << cb))
+                self.msg("Use qemu-img amend to increase the refcount entry width or "
+                         "qemu-img convert to create a clean copy if the image cannot be "
+                         "opened for writing")
+                res["corruptions"] += 1
+                continue
+            imrt.set(k, v + 1)
 
-    def check_l1(self, l1_offset: int, l1_size: int, flags: int, active: bool) -> None:
+    # ---- L1 / L2 ----------------------------------------------------------------------
+    def _read(self, offset: int, length: int) -> bytes:
+        """bdrv_pread() of the image file; zeroes past its end like file-posix."""
+        s = self.s
+        if offset < 0 or offset + length > INT64_MAX:
+            raise _fail(errno.EINVAL)
+        end = s.file.total_size
+        n = max(0, min(length, end - offset))
+        data = s.file.pread(offset, n) if n else b""
+        return data + bytes(length - len(data))
+
+    def check_l1(self, res, imrt, l1_offset: int, l1_size: int, flags: int, fix: int,
+                 active: bool) -> None:
         s = self.s
         cs = s.cluster_size
-        self.inc(l1_offset, l1_size * L1E_SIZE)
         if not l1_size:
             return
-        if active:
-            l1 = s.l1_table
-        else:
-            l1 = struct.unpack(">%dQ" % l1_size, s.file.pread(l1_offset, l1_size * L1E_SIZE))
+        self.inc(res, imrt, l1_offset, l1_size * L1E_SIZE)
+        try:
+            raw = self._read(l1_offset, l1_size * L1E_SIZE)
+        except BlockError as e:
+            self.msg("ERROR: I/O error in check_refcounts_l1")
+            res["check-errors"] += 1
+            raise _fail(e.errno or errno.EIO) from None
+        l1 = struct.unpack(">%dQ" % l1_size, raw)
         for i, e in enumerate(l1):
             if not e:
                 continue
             if e & L1E_RESERVED_MASK:
                 self.msg("ERROR found L1 entry with reserved bits set: %x" % e)
-                self.res["corruptions"] += 1
+                res["corruptions"] += 1
             l2_offset = e & L1E_OFFSET_MASK
-            if not l2_offset:
-                continue
-            self.inc(l2_offset, cs)
+            self.inc(res, imrt, l2_offset, cs)
             if l2_offset & (cs - 1):
-                self.msg("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted"
-                         % l2_offset)
-                self.res["corruptions"] += 1
-                continue
-            self.check_l2(l2_offset, flags)
+                self.msg("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry "
+                         "corrupted" % l2_offset)
+                res["corruptions"] += 1
+            self.check_l2(res, imrt, l2_offset, flags, fix, active)
 
-    def check_l2(self, l2_offset: int, flags: int) -> None:
+    def check_l2(self, res, imrt, l2_offset: int, flags: int, fix: int, active: bool) -> None:
         s = self.s
-        cs, cb = s.cluster_size, s.cluster_bits
-        table = s.file.pread(l2_offset, cs)
+        cs = s.cluster_size
+        ext = s.extended
+        try:
+            raw = self._read(l2_offset, s.l2_size * s.l2e_size)
+        except BlockError as e:
+            self.msg("ERROR: I/O error in check_refcounts_l2")
+            res["check-errors"] += 1
+            raise _fail(e.errno or errno.EIO) from None
+        words = struct.unpack(">%dQ" % (len(raw) // 8), raw)
+        step = 2 if ext else 1
+        table = bytearray(raw)
         next_contig = 0
         frag = flags & CHECK_FRAG_INFO
-        for first, n, t, host, copied, bad in s._scan(table, 0, s.l2_size):
-            if bad:
-                e = s.l2_entry(table, first)
-                bm = s.l2_bitmap(table, first)
-                if t != CL_COMPRESSED and e & L2E_STD_RESERVED_MASK:
-                    self.msg("ERROR found L2 entry with reserved bits set: %x" % e)
-                    self.res["corruptions"] += 1
+        has_df = s.has_data_file
+        for i in range(s.l2_size):
+            e = words[i * step]
+            bm = words[i * step + 1] if ext else 0
+            if not e and not bm:
+                continue
+            t = s.cluster_type(e)
+            if t != CL_COMPRESSED and e & L2E_STD_RESERVED_MASK:
+                self.msg("ERROR found l2 entry with reserved bits set: %x" % e)
+                res["corruptions"] += 1
             if t == CL_COMPRESSED:
-                e = s.l2_entry(table, first)
                 if e & QCOW_OFLAG_COPIED:
                     self.msg("ERROR: coffset=0x%x: copied flag must never be set for "
                              "compressed clusters" % (e & s.cluster_offset_mask))
                     e &= ~QCOW_OFLAG_COPIED
-                    self.res["corruptions"] += 1
-                if s.has_data_file:
-                    self.msg("ERROR compressed cluster %d with data file, entry=0x%x"
-                             % (first, e))
-                    self.res["corruptions"] += 1
+                    res["corruptions"] += 1
+                if has_df:
+                    self.msg("ERROR compressed cluster %d with data file, entry=0x%x" % (i, e))
+                    res["corruptions"] += 1
                     continue
-                if s.l2_bitmap(table, first):
+                if bm:
                     self.msg("ERROR compressed cluster %d with non-zero subcluster "
-                             "allocation bitmap, entry=0x%x" % (first, e))
-                    self.res["corruptions"] += 1
+                             "allocation bitmap, entry=0x%x" % (i, e))
+                    res["corruptions"] += 1
                     continue
-                if frag:
-                    self.res["allocated-clusters"] += 1
-                    self.res["compressed-clusters"] += 1
-                    self.res["fragmented-clusters"] += 1
                 coffset, csize = s.parse_compressed_l2_entry(e)
-                self.inc(coffset, csize)
+                self.inc(res, imrt, coffset, csize)
+                if frag:
+                    res["allocated-clusters"] += 1
+                    res["compressed-clusters"] += 1
+                    res["fragmented-clusters"] += 1
             elif t in (CL_NORMAL, CL_ZERO_ALLOC):
-                if s.extended:
-                    for i in range(first, first + n):
-                        bm = s.l2_bitmap(table, i)
-                        if (bm >> 32) & bm:
-                            self.res["corruptions"] += 1
-                            self.msg("ERROR offset=%x: Allocated cluster has corrupted "
-                                     "subcluster allocation bitmap" % (host + ((i - first) << cb)))
-                if host & (cs - 1):
-                    self.res["corruptions"] += 1
-                    e = s.l2_entry(table, first)
-                    contains = (s.l2_bitmap(table, first) & QCOW_L2_BITMAP_ALL_ALLOC) \
-                        if s.extended else not e & QCOW_OFLAG_ZERO
-                    if not contains:
-                        self.msg("ERROR offset=%x: Preallocated cluster is not properly "
-                                 "aligned; L2 entry corrupted." % host)
+                offset = e & L2E_OFFSET_MASK
+                if (bm >> 32) & bm:
+                    res["corruptions"] += 1
+                    self.msg("ERROR offset=%x: Allocated cluster has corrupted subcluster "
+                             "allocation bitmap" % offset)
+                if offset & (cs - 1):
+                    res["corruptions"] += 1
+                    contains_data = (bm & QCOW_L2_BITMAP_ALL_ALLOC) if ext \
+                        else not e & QCOW_OFLAG_ZERO
+                    if not contains_data:
+                        self.msg("%s offset=%x: Preallocated cluster is not properly aligned; "
+                                 "L2 entry corrupted." % ("Repairing" if fix & FIX_ERRORS
+                                                          else "ERROR", offset))
+                        if fix & FIX_ERRORS:
+                            ok, overlap = self.fix_l2_entry_by_zero(res, l2_offset, table, i,
+                                                                    active)
+                            if overlap:
+                                return
+                            if ok:
+                                continue
                     else:
                         self.msg("ERROR offset=%x: Data cluster is not properly aligned; L2 "
-                                 "entry corrupted." % host)
+                                 "entry corrupted." % offset)
                 if frag:
-                    self.res["allocated-clusters"] += n
-                    if next_contig and host != next_contig:
-                        self.res["fragmented-clusters"] += 1
-                    next_contig = host + (n << cb)
-                if not s.has_data_file:
-                    self.inc(host & ~(cs - 1), n << cb)
-            elif t == CL_UNALLOCATED and s.extended:
-                for i in range(first, first + n):
-                    if s.l2_bitmap(table, i) & QCOW_L2_BITMAP_ALL_ALLOC:
-                        self.res["corruptions"] += 1
-                        self.msg("ERROR: Unallocated cluster has non-zero subcluster "
-                                 "allocation map")
+                    res["allocated-clusters"] += 1
+                    if next_contig and offset != next_contig:
+                        res["fragmented-clusters"] += 1
+                    next_contig = offset + cs
+                if not has_df:
+                    self.inc(res, imrt, offset, cs)
+            elif t == CL_UNALLOCATED:
+                if bm & QCOW_L2_BITMAP_ALL_ALLOC:
+                    res["corruptions"] += 1
+                    self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation "
+                             "map")
 
-    def check_bitmaps(self) -> None:
+    def fix_l2_entry_by_zero(self, res, l2_offset: int, table: bytearray, i: int,
+                             active: bool) -> tuple[bool, bool]:
+        """fix_l2_entry_by_zero(): (fixed, metadata overlap)."""
+        s = self.s
+        esz = s.l2e_size
+        if s.extended:
+            bm = struct.unpack_from(">Q", table, i * 16 + 8)[0]
+            bm |= bm << 32
+            bm &= QCOW_L2_BITMAP_ALL_ZEROES
+            struct.pack_into(">QQ", table, i * 16, 0, bm)
+        else:
+            struct.pack_into(">Q", table, i * 8, QCOW_OFLAG_ZERO)
+        pos = l2_offset + i * esz
+        ign = OL.ACTIVE_L2 if active else OL.INACTIVE_L2
+        try:
+            s.pre_write_overlap_check(ign, pos, esz)
+        except BlockError:
+            self.msg("ERROR: Overlap check failed")
+            res["check-errors"] += 1
+            return False, True
+        try:
+            s.file.pwrite(pos, bytes(table[i * esz:(i + 1) * esz]))
+            s.file.flush()
+        except BlockError as e:
+            self.msg("ERROR: Failed to overwrite L2 table entry: %s"
+                     % os.strerror(e.errno or errno.EIO))
+            res["check-errors"] += 1
+            return False, False
+        s.forget_l2_table(l2_offset)
+        res["corruptions"] -= 1
+        res["corruptions-fixed"] += 1
+        return True, False
+
+    # ---- other structures -------------------------------------------------------------
+    def check_bitmaps(self, res, imrt) -> None:
+        """qcow2_check_bitmaps_refcounts()."""
         s = self.s
         if not s.bitmaps_ext:
             return
         nb, dir_size, dir_offset = s.bitmaps_ext
-        self.inc(dir_offset, dir_size)
-        data = s.file.pread(dir_offset, dir_size)
+        self.inc(res, imrt, dir_offset, dir_size)
+        try:
+            data = self._read(dir_offset, dir_size)
+        except BlockError:
+            res["corruptions"] += 1
+            raise _fail(errno.EINVAL) from None
         pos = 0
+        entries = []
         for _ in range(nb):
             if pos + BITMAP_DIR_ENTRY.size > len(data):
-                break
+                res["corruptions"] += 1
+                raise _fail(errno.EINVAL)
             (tbl_off, tbl_size, flags, btype, gran, name_size,
              extra) = BITMAP_DIR_ENTRY.unpack_from(data, pos)
             pos += (BITMAP_DIR_ENTRY.size + extra + name_size + 7) & ~7
-            self.inc(tbl_off, tbl_size * 8)
-            if tbl_size and tbl_size * 8 <= (64 << 20):
-                entries = struct.unpack(">%dQ" % tbl_size, s.file.pread(tbl_off, tbl_size * 8))
-                for e in entries:
-                    off = e & 0x00FFFFFFFFFFFE00
-                    if off:
-                        self.inc(off, s.cluster_size)
+            if pos > len(data):
+                res["corruptions"] += 1
+                raise _fail(errno.EINVAL)
+            entries.append((tbl_off, tbl_size))
+        for tbl_off, tbl_size in entries:
+            self.inc(res, imrt, tbl_off, tbl_size * 8)
+            if tbl_off & (s.cluster_size - 1) or tbl_size > BME_MAX_TABLE_SIZE or \
+                    tbl_off + tbl_size * 8 > s.file.total_size:
+                res["corruptions"] += 1
+                raise _fail(errno.EINVAL)
+            if not tbl_size:
+                continue
+            table = struct.unpack(">%dQ" % tbl_size, self._read(tbl_off, tbl_size * 8))
+            for e in table:
+                off = e & BME_TABLE_ENTRY_OFFSET_MASK
+                if e & BME_TABLE_ENTRY_RESERVED_MASK or off & (s.cluster_size - 1) or \
+                        (off == 0 and e & ~1 & 0xFFFFFFFFFFFFFFFF and False):
+                    res["corruptions"] += 1
+                    continue
+                if off:
+                    self.inc(res, imrt, off, s.cluster_size)
 
-    def check_refblocks(self) -> None:
+    def check_refblocks(self, res, imrt, fix: int) -> None:
         s = self.s
         cs, cb = s.cluster_size, s.cluster_bits
-        for i in range(s.refcount_table_size):
-            e = s.refcount_table[i]
-            off = e & REFT_OFFSET_MASK
+        i = 0
+        while i < s.refcount_table_size:
+            raw = s.refcount_table[i]
+            off = raw & REFT_OFFSET_MASK
             cluster = off >> cb
-            if e & REFT_RESERVED_MASK:
-                self.msg("ERROR refcount table entry %d has reserved bits set" % i)
-                self.res["corruptions"] += 1
+            i += 1
+            idx = i - 1
+            if raw & REFT_RESERVED_MASK:
+                self.msg("ERROR refcount table entry %d has reserved bits set" % idx)
+                res["corruptions"] += 1
+                self.rebuild = True
                 continue
             if off & (cs - 1):
                 self.msg("ERROR refcount block %d is not cluster aligned; refcount table "
-                         "entry corrupted" % i)
-                self.res["corruptions"] += 1
+                         "entry corrupted" % idx)
+                res["corruptions"] += 1
+                self.rebuild = True
                 continue
-            if not off:
+            if cluster >= imrt.n:
+                res["corruptions"] += 1
+                self.msg("%s refcount block %d is outside image"
+                         % ("Repairing" if fix & FIX_ERRORS else "ERROR", idx))
+                if fix & FIX_ERRORS:
+                    err = None
+                    if off > INT64_MAX - cs:
+                        err = errno.EINVAL
+                    else:
+                        try:
+                            s.file.truncate(off + cs)
+                        except BlockError as e:
+                            error_report(str(e))
+                            err = e.errno or errno.EIO
+                    if err is None:
+                        new_n = -(-s.file.total_size // cs)
+                        if new_n > imrt.n:
+                            imrt.resize(new_n)
+                        if cluster >= imrt.n:
+                            err = errno.EINVAL
+                    if err is None:
+                        res["corruptions"] -= 1
+                        res["corruptions-fixed"] += 1
+                        self.inc(res, imrt, off, cs)
+                        continue
+                    self.rebuild = True
+                    self.msg("ERROR could not resize image: %s" % os.strerror(err))
                 continue
-            if cluster >= self.nb_clusters:
-                self.msg("ERROR refcount block %d is outside image" % i)
-                self.res["corruptions"] += 1
-                continue
-            self.inc(off, cs)
-            if self.refs.get(cluster) != 1:
-                self.msg("ERROR refcount block %d refcount=%d" % (i, self.refs.get(cluster)))
-                self.res["corruptions"] += 1
-
-    # ---- comparing ---------------------------------------------------------------------
-    def _refblock(self, ti: int) -> int:
-        s = self.s
-        if ti >= s.refcount_table_size:
-            return 0
-        e = s.refcount_table[ti]
-        off = e & REFT_OFFSET_MASK
-        if e & REFT_RESERVED_MASK or off & (s.cluster_size - 1) or \
-                (off >> s.cluster_bits) >= self.nb_clusters:
-            return 0
-        return off
-
-    def compare(self) -> int:
-        s = self.s
-        rbs = s.refcount_block_size
-        n = self.refs.n
-        highest = -1
-        i = 0
-        while i < n:
-            k = min(rbs - (i & (rbs - 1)), n - i)
-            computed = N.refcount_get_range(self.refs.buf, ORDER64, i, k)
-            off = self._refblock(i >> s.refcount_block_bits)
             if off:
-                block = s.refcount_cache.get(off)
-                stored = N.refcount_get_range(block, s.refcount_order, i & (rbs - 1), k)
-                diffs = N.refcount_compare(computed, block, s.refcount_order, i & (rbs - 1))
-            else:
-                stored = array("Q", bytes(8 * k))
-                diffs = [(i & (rbs - 1)) + j for j, v in enumerate(computed) if v] \
-                    if any(computed) else []
-            last = max(len(computed.tobytes().rstrip(b"\0")), len(stored.tobytes().rstrip(b"\0")))
-            if last:
-                highest = i + (last - 1) // 8
-            for d in diffs:
-                j = d - (i & (rbs - 1))
-                idx = i + j
+                self.inc(res, imrt, off, cs)
+                rc = imrt.get(cluster)
+                if rc != 1:
+                    self.msg("ERROR refcount block %d refcount=%d" % (idx, rc))
+                    res["corruptions"] += 1
+                    self.rebuild = True
+
+    def calculate(self, res, imrt, fix: int) -> None:
+        """calculate_refcounts()."""
+        s = self.s
+        cs = s.cluster_size
+        self.inc(res, imrt, 0, cs)
+        self.check_l1(res, imrt, s.l1_table_offset, s.l1_size, CHECK_FRAG_INFO, fix, True)
+        if s.has_data_file and s.nb_snapshots:
+            self.msg("ERROR %d snapshots in image with data file" % s.nb_snapshots)
+            res["corruptions"] += 1
+        for sn in s.snapshots:
+            if sn.l1_table_offset & (cs - 1):
+                self.msg("ERROR snapshot %s (%s) l1_offset=%s: L1 table is not cluster "
+                         "aligned; snapshot table entry corrupted"
+                         % (sn.id_str, sn.name, _hexalt(sn.l1_table_offset)))
+                res["corruptions"] += 1
+                continue
+            if sn.l1_size > QCOW_MAX_L1_SIZE // L1E_SIZE:
+                self.msg("ERROR snapshot %s (%s) l1_size=%s: L1 table is too large; "
+                         "snapshot table entry corrupted"
+                         % (sn.id_str, sn.name, _hexalt(sn.l1_size)))
+                res["corruptions"] += 1
+                continue
+            self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
+        self.inc(res, imrt, s.snapshots_offset, s.snapshots_size)
+        self.inc(res, imrt, s.refcount_table_offset, s.refcount_table_size * REFTABLE_ENTRY_SIZE)
+        self.check_bitmaps(res, imrt)
+        self.check_refblocks(res, imrt, fix)
+
+    # ---- comparing ------------------------------------------------------------------------
+    def compare(self, res, imrt, fix: int) -> int:
+        """compare_refcounts(); returns the highest used cluster."""
+        s = self.s
+        rbb, rbs = s.refcount_block_bits, s.refcount_block_size
+        highest = 0
+        i = 0
+        n = imrt.n
+        while i < n:
+            ti = i >> rbb
+            k = min(rbs - (i & (rbs - 1)), n - i)
+            computed = N.refcount_get_range(imrt.buf, imrt.order, i, k)
+            stored = self._stored_range(ti, i & (rbs - 1), k)
+            if stored is None:
+                # the refblock offset is invalid: every lookup fails (QEMU's per-cluster loop)
+                for j in range(k):
+                    try:
+                        s.get_refcount(i + j)
+                    except BlockError as e:
+                        self.msg("Can't get refcount for cluster %d: %s"
+                                 % (i + j, os.strerror(e.errno or errno.EIO)))
+                        res["check-errors"] += 1
+                i += k
+                continue
+            if stored == computed:
+                nz = computed.tobytes().rstrip(b"\0")
+                if nz:
+                    highest = i + (len(nz) - 1) // 8
+                i += k
+                continue
+            for j in range(k):
                 r1, r2 = stored[j], computed[j]
-                fixed = None
+                idx = i + j
+                if r1 or r2:
+                    highest = idx
+                if r1 == r2:
+                    continue
+                num_fixed = None
                 if r1 == 0:
                     self.rebuild = True
-                    if self.fix_errors:
-                        # QEMU rebuilds the refcount structures here; raising the refcount
-                        # is equivalent as long as new refcount blocks land beyond every
-                        # referenced cluster (free_cluster_index was moved there)
-                        fixed = "corruptions-fixed"
-                elif r1 > r2 and self.fix_leaks:
-                    fixed = "leaks-fixed"
-                elif r1 < r2 and self.fix_errors:
-                    fixed = "corruptions-fixed"
+                elif r1 > r2 and fix & FIX_LEAKS:
+                    num_fixed = "leaks-fixed"
+                elif r1 < r2 and fix & FIX_ERRORS:
+                    num_fixed = "corruptions-fixed"
                 self.msg("%s cluster %d refcount=%d reference=%d" % (
-                    "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked"), idx, r1, r2))
-                if fixed:
+                    "Repairing" if num_fixed else ("ERROR" if r1 < r2 else "Leaked"),
+                    idx, r1, r2))
+                if num_fixed:
                     try:
                         s.update_refcount(idx << s.cluster_bits, 1, abs(r1 - r2), r1 > r2,
                                           QCOW2_DISCARD_ALWAYS)
-                        self.res[fixed] += 1
+                        res[num_fixed] += 1
                         continue
-                    except Exception:
+                    except BlockError:
                         pass
                 if r1 < r2:
-                    self.res["corruptions"] += 1
+                    res["corruptions"] += 1
                 else:
-                    self.res["leaks"] += 1
+                    res["leaks"] += 1
             i += k
         return highest
 
-    def check_oflag_copied(self) -> None:
+    def _stored_range(self, ti: int, index: int, k: int):
+        """Stored refcounts of one refblock's range, None if its offset is invalid."""
         s = self.s
-        cb = s.cluster_bits
-        for i, e in enumerate(s.l1_table):
-            l2_offset = e & L1E_OFFSET_MASK
-            if not l2_offset or l2_offset & (s.cluster_size - 1):
+        from array import array
+        if ti >= s.refcount_table_size:
+            return array("Q", bytes(8 * k))
+        off = s.refcount_table[ti] & REFT_OFFSET_MASK
+        if not off:
+            return array("Q", bytes(8 * k))
+        if off & (s.cluster_size - 1):
+            return None
+        try:
+            block = s.refcount_cache.get(off)
+        except BlockError:
+            return None
+        return N.refcount_get_range(block, s.refcount_order, index, k)
+
+    # ---- rebuild_refcount_structure ---------------------------------------------------
+    def alloc_imrt(self, imrt: IMRT, count: int, first_free: list) -> int:
+        """alloc_clusters_imrt(); first_free is a one-element list (in/out)."""
+        cluster = first_free[0]
+        first_gap = True
+        contiguous = 0
+        while cluster < imrt.n and contiguous < count:
+            if not imrt.get(cluster):
+                contiguous += 1
+                if first_gap:
+                    first_free[0] = cluster
+                    first_gap = False
+            elif contiguous:
+                contiguous = 0
+            cluster += 1
+        if contiguous < count:
+            imrt.resize(cluster + count - contiguous)
+        cluster -= contiguous
+        N.refcount_set_range(imrt.buf, imrt.order, cluster, count, 1)
+        return cluster << self.s.cluster_bits
+
+    def write_refblocks(self, imrt: IMRT, first: int, end: int, reftable: list) -> bool:
+        """rebuild_refcounts_write_refblocks(); reftable is grown in place."""
+        s = self.s
+        cs, rbb, rbs = s.cluster_size, s.refcount_block_bits, s.refcount_block_size
+        first_free = [0]
+        grown = False
+        cluster = first
+        while cluster < end:
+            # skip all-zero parts of the IMRT a megabyte at a time (huge sparse files)
+            pos = (cluster << imrt.order) // 8
+            stop = min(len(imrt.buf), -(-(min(end, imrt.n) << imrt.order) // 8))
+            while pos < stop and not imrt.buf[pos:pos + (1 << 20)].strip(b"\0"):
+                pos += 1 << 20
+            if pos >= stop:
+                break
+            cluster = max(cluster, (pos * 8) >> imrt.order)
+            ri = cluster >> rbb
+            lim = min(end, (ri << rbb) + rbs, imrt.n)
+            if cluster >= lim:
+                break
+            vals = N.refcount_get_range(imrt.buf, imrt.order, cluster, lim - cluster)
+            nz = vals.tobytes().lstrip(b"\0")
+            if not nz:
+                cluster = lim
                 continue
-            rc = s.get_refcount(l2_offset >> cb)
-            if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
+            cluster += (len(vals) * 8 - len(nz)) // 8
+            ri = cluster >> rbb
+            start = ri << rbb
+            if len(reftable) > ri and reftable[ri]:
+                rb_off = reftable[ri]
+            else:
+                if first_free[0] < start:
+                    first_free[0] = start
+                rb_off = self.alloc_imrt(imrt, 1, first_free)
+                if rb_off // cs >= end:
+                    end = rb_off // cs + 1
+                if len(reftable) <= ri:
+                    entries = -(-((ri + 1) * REFTABLE_ENTRY_SIZE) // cs) * cs \
+                        // REFTABLE_ENTRY_SIZE
+                    reftable.extend([0] * (entries - len(reftable)))
+                    grown = True
+                reftable[ri] = rb_off
+            try:
+                s.pre_write_overlap_check(0, rb_off, cs)
+                # the refblock is a slice of the IMRT (whose size is whole clusters)
+                if len(imrt.buf) < (ri + 1) * cs:
+                    imrt.buf += bytes((ri + 1) * cs - len(imrt.buf))
+                s.file.pwrite(rb_off, bytes(imrt.buf[ri * cs:(ri + 1) * cs]))
+            except BlockError as e:
+                error_report("ERROR writing refblock: %s" % os.strerror(e.errno or errno.EIO))
+                raise _fail(e.errno or errno.EIO) from None
+            cluster = start + rbs
+        return grown
+
+    def rebuild_refcount_structure(self, res, imrt: IMRT) -> None:
+        s = self.s
+        cs = s.cluster_size
+        try:
+            s.refcount_cache.flush()
+        except BlockError:
+            pass
+        s.refcount_cache.clear()
+        reftable: list[int] = []
+        try:
+            self.write_refblocks(imrt, 0, imrt.n, reftable)
+            while True:
+                length = len(reftable) * REFTABLE_ENTRY_SIZE
+                clusters = -(-length // cs)
+                rt_off = self.alloc_imrt(imrt, clusters, [0])
+                start = rt_off // cs
+                changed = self.write_refblocks(imrt, start, start + clusters, reftable)
+                if not changed:
+                    break
+        except CheckFailed:
+            res["check-errors"] += 1
+            raise
+        data = struct.pack(">%dQ" % len(reftable), *reftable)
+        try:
+            s.pre_write_overlap_check(0, rt_off, len(data))
+            s.file.pwrite(rt_off, data)
+        except BlockError as e:
+            error_report("ERROR writing reftable: %s" % os.strerror(e.errno or errno.EIO))
+            raise _fail(e.errno or errno.EIO) from None
+        try:
+            s.file.pwrite(OFS_REFCOUNT_TABLE_OFFSET,
+                          REFTABLE_OFFSET_AND_CLUSTERS.pack(rt_off, clusters))
+            s.file.flush()
+        except BlockError as e:
+            error_report("ERROR setting reftable: %s" % os.strerror(e.errno or errno.EIO))
+            raise _fail(e.errno or errno.EIO) from None
+        s.set_refcount_table(rt_off, reftable)
+
+    # ---- OFLAG_COPIED -------------------------------------------------------------------
+    def check_oflag_copied(self, res, fix: int) -> None:
+        s = self.s
+        cb, cs = s.cluster_bits, s.cluster_size
+        if fix & FIX_ERRORS:
+            repair = True
+        elif fix & FIX_LEAKS:
+            repair = not res["check-errors"] and not res["corruptions"] and not res["leaks"]
+        else:
+            repair = False
+        tag = "Repairing" if repair else "ERROR"
+        ext = s.extended
+        step = 2 if ext else 1
+        for i in range(s.l1_size):
+            l1e = s.l1_table[i]
+            l2_offset = l1e & L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            try:
+                rc = s.get_refcount(l2_offset >> cb)
+            except BlockError:
+                continue
+            if (rc == 1) != bool(l1e & QCOW_OFLAG_COPIED):
+                res["corruptions"] += 1
                 self.msg("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d"
-                         % ("Repairing" if self.fix_errors else "ERROR", i, e, rc))
-                if self.fix_errors:
-                    s.l1_table[i] = (e | QCOW_OFLAG_COPIED) if rc == 1 else \
-                        (e & ~QCOW_OFLAG_COPIED)
-                    s.write_l1_entry(i)
-                    self.res["corruptions-fixed"] += 1
-                else:
-                    self.res["corruptions"] += 1
-            table = s.file.pread(l2_offset, s.cluster_size)
-            dirty = False
-            for first, n, t, host, copied, bad in s._scan(table, 0, s.l2_size):
+                         % (tag, i, l1e, rc))
+                if repair:
+                    s.l1_table[i] = (l1e | QCOW_OFLAG_COPIED) if rc == 1 \
+                        else (l1e & ~QCOW_OFLAG_COPIED)
+                    try:
+                        s.write_l1_entry(i)
+                    except BlockError as e:
+                        res["check-errors"] += 1
+                        raise _fail(e.errno or errno.EIO) from None
+                    res["corruptions"] -= 1
+                    res["corruptions-fixed"] += 1
+            try:
+                raw = self._read(l2_offset, s.l2_size * s.l2e_size)
+            except BlockError as e:
+                self.msg("ERROR: Could not read L2 table: %s"
+                         % os.strerror(e.errno or errno.EIO))
+                res["check-errors"] += 1
+                raise _fail(e.errno or errno.EIO) from None
+            table = bytearray(raw)
+            words = struct.unpack(">%dQ" % (len(raw) // 8), raw)
+            dirty = 0
+            for j in range(s.l2_size):
+                e = words[j * step]
+                if not e:
+                    continue
+                t = s.cluster_type(e)
                 if t not in (CL_NORMAL, CL_ZERO_ALLOC):
                     continue
                 if s.has_data_file:
-                    vals = array("Q", [1]) * n
+                    rc = 1
                 else:
-                    if host & (s.cluster_size - 1):
+                    try:
+                        rc = s.get_refcount((e & L2E_OFFSET_MASK) >> cb)
+                    except BlockError:
                         continue
-                    vals = s.get_refcount_range(host >> cb, n)
-                bad_count = (n - vals.count(1)) if copied else vals.count(1)
-                if not bad_count:
-                    continue
-                for j in range(n):
-                    rc = vals[j]
-                    if (rc == 1) == copied:
-                        continue
-                    le = s.l2_entry(table, first + j)
+                if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
+                    res["corruptions"] += 1
                     self.msg("%s OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
-                             % ("Repairing" if self.fix_errors else "ERROR", le, rc))
-                    if self.fix_errors:
-                        le = (le | QCOW_OFLAG_COPIED) if rc == 1 else (le & ~QCOW_OFLAG_COPIED)
-                        table = bytearray(table) if not isinstance(table, bytearray) else table
-                        s.set_l2_entry(table, first + j, le)
-                        dirty = True
-                        self.res["corruptions-fixed"] += 1
-                    else:
-                        self.res["corruptions"] += 1
+                             % (tag, e, rc))
+                    if repair:
+                        struct.pack_into(">Q", table, j * step * 8,
+                                         (e | QCOW_OFLAG_COPIED) if rc == 1
+                                         else (e & ~QCOW_OFLAG_COPIED))
+                        dirty += 1
             if dirty:
-                s.l2_cache.clear()
-                s.file.pwrite(l2_offset, table)
+                try:
+                    s.pre_write_overlap_check(OL.ACTIVE_L2, l2_offset, cs)
+                except BlockError as e:
+                    self.msg("ERROR: Could not write L2 table; metadata overlap check "
+                             "failed: %s" % os.strerror(e.errno or errno.EIO))
+                    res["check-errors"] += 1
+                    raise _fail(e.errno or errno.EIO) from None
+                try:
+                    s.file.pwrite(l2_offset, bytes(table[:cs]))
+                except BlockError as e:
+                    self.msg("ERROR: Could not write L2 table: %s"
+                             % os.strerror(e.errno or errno.EIO))
+                    res["check-errors"] += 1
+                    raise _fail(e.errno or errno.EIO) from None
+                s.forget_l2_table(l2_offset)
+                res["corruptions"] -= dirty
+                res["corruptions-fixed"] += dirty
 
-    # ---- driver ------------------------------------------------------------------------
-    def run(self) -> dict:
+    # ---- qcow2_check_refcounts ------------------------------------------------------------
+    def check_refcounts(self) -> dict:
         s = self.s
+        res = self.res
+        fix = self.fix
         cs = s.cluster_size
-        file_size = s.file.total_size
-        self.nb_clusters = -(-file_size // cs)
-        self.refs = _Refs(self.nb_clusters)
+        size = s.file.total_size
+        nb = -(-size // cs)
+        if nb > INT_MAX:
+            res["check-errors"] += 1
+            raise _fail(errno.EFBIG)
+        res["total-clusters"] = -(-s.get_length() // cs)
         self.rebuild = False
-        self.res["total-clusters"] = -(-s.get_length() // cs)
-        s.flush_caches()
-
-        # calculate_refcounts()
-        self.inc(0, cs)
-        self.check_l1(s.l1_table_offset, s.l1_size, CHECK_FRAG_INFO, True)
-        for i, sn in enumerate(s.snapshots):
-            if sn.l1_size > QCOW_MAX_L1_SIZE // L1E_SIZE or sn.l1_table_offset & (cs - 1):
-                self.msg("ERROR snapshot %s (%s) l1_offset=%#x: L1 table is not cluster "
-                         "aligned; snapshot table entry corrupted"
-                         % (sn.id_str, sn.name, sn.l1_table_offset))
-                self.res["corruptions"] += 1
-                continue
-            self.check_l1(sn.l1_table_offset, sn.l1_size, 0, False)
-        self.inc(s.snapshots_offset, s.snapshots_size)
-        self.inc(s.refcount_table_offset, s.refcount_table_size * REFTABLE_ENTRY_SIZE)
-        self.check_bitmaps()
-        self.check_refblocks()
-
-        if self.fix_errors:
-            s.free_cluster_index = max(s.free_cluster_index, self.refs.n)
-        highest = self.compare()
-        if self.fix_leaks or self.fix_errors:
+        imrt = IMRT(s, nb)
+        self.calculate(res, imrt, fix)
+        pre = dict(res)
+        highest = self.compare(res, imrt, 0)
+        if self.rebuild and fix & FIX_ERRORS:
+            old = dict(res)
+            fresh_leaks = 0
+            self.msg("Rebuilding refcount structure")
+            self.rebuild_refcount_structure(res, imrt)
+            res["corruptions"] = 0
+            res["leaks"] = 0
+            self.rebuild = False
+            imrt.clear()
+            self.calculate(res, imrt, 0)
+            if fix & FIX_LEAKS:
+                saved = dict(res)
+                tmp = _new_res()
+                highest = self.compare(tmp, imrt, FIX_LEAKS)
+                if self.rebuild:
+                    self.msg("ERROR rebuilt refcount structure is still broken")
+                fresh_leaks = tmp["leaks"]
+                res.clear()
+                res.update(saved)
+            if res["corruptions"] < old["corruptions"]:
+                res["corruptions-fixed"] += old["corruptions"] - res["corruptions"]
+            if res["leaks"] < old["leaks"]:
+                res["leaks-fixed"] += old["leaks"] - res["leaks"]
+            res["leaks"] += fresh_leaks
+        elif fix:
+            if self.rebuild:
+                self.msg("ERROR need to rebuild refcount structures")
+                res["check-errors"] += 1
+                raise _fail(errno.EIO)
+            if res["leaks"] or res["corruptions"]:
+                res.clear()
+                res.update(pre)
+                highest = self.compare(res, imrt, fix)
+        try:
             s.flush_caches()
-        self.check_oflag_copied()
-        if self.fix_leaks or self.fix_errors:
-            s.flush_caches()
-        self.res["image-end-offset"] = (highest + 1) * cs
+        except BlockError:
+            pass
+        self.check_oflag_copied(res, fix)
+        res["image-end-offset"] = (highest + 1) * cs
+        return res
+
+    # ---- snapshot table (qcow2_check_read_snapshot_table) -------------------------------
+    def read_snapshot_table(self) -> None:
+        s = self.s
+        from .snapshot import read_snapshots
+        from ....errors import InvalidImage
+        raw = self._read(60, 12)
+        nb, off = struct.unpack(">IQ", raw)
+        err = None
+        if nb > QCOW_MAX_SNAPSHOTS:
+            err, text = errno.EFBIG, "snapshot table too large"
+        elif INT64_MAX - nb * SNAPSHOT_HEADER.size < off or off & (s.cluster_size - 1):
+            err, text = errno.EINVAL, "snapshot table offset invalid"
+        if err:
+            self.res["check-errors"] += 1
+            error_report("ERROR " + text)
+            if nb > QCOW_MAX_SNAPSHOTS:
+                self.msg("You can force-remove all %d overhanging snapshots with qemu-img "
+                         "check -r all" % (nb - QCOW_MAX_SNAPSHOTS))
+            s.snapshots_offset = 0
+            s.nb_snapshots = 0
+            s.snapshots, s.snapshots_size = [], 0
+            raise _fail(err)
+        s.snapshots_offset, s.nb_snapshots = off, nb
+        try:
+            s.snapshots, s.snapshots_size = read_snapshots(s.file, off, nb, s.total_size)
+        except InvalidImage as e:
+            self.res["check-errors"] += 1
+            error_report("ERROR failed to read the snapshot table: %s" % e)
+            s.snapshots, s.snapshots_size = [], 0
+            s.nb_snapshots = 0
+            raise _fail(e.errno or errno.EINVAL) from None
+
+    def run(self) -> dict:
+        """qcow2_co_check_locked()."""
+        s = self.s
+        if getattr(s, "check_mode", False):
+            self.read_snapshot_table()
+        self.check_refcounts()
         return self.res

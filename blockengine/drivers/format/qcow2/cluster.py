@@ -26,6 +26,7 @@ from .layout import (BDRV_REQUEST_MAX_BYTES, CL_COMPRESSED, CL_NORMAL, CL_UNALLO
                      QCOW_OFLAG_ZERO, SC_COMPRESSED, SC_INVALID, SC_NORMAL, SC_UNALLOCATED_ALLOC,
                      SC_UNALLOCATED_PLAIN, SC_ZERO_ALLOC, SC_ZERO_PLAIN)
 from .native import N
+from . import overlap as OL
 
 _BE64_AT = struct.Struct(">Q").unpack_from
 _BE128_AT = struct.Struct(">QQ").unpack_from
@@ -242,6 +243,8 @@ class ClusterMixin:
     # ---- L1 table -----------------------------------------------------------------------
     def write_l1_entry(self, l1_index: int) -> None:
         """qcow2_write_l1_entry() (request alignment 1: just the entry, synced)."""
+        self.pre_write_overlap_check(OL.ACTIVE_L1, self.l1_table_offset + l1_index * L1E_SIZE,
+                                     L1E_SIZE)
         self.file.pwrite(self.l1_table_offset + l1_index * L1E_SIZE,
                          BE64.pack(self.l1_table[l1_index]))
         self.file.flush()
@@ -263,6 +266,7 @@ class ClusterMixin:
         new_table = list(self.l1_table) + [0] * (new_size - self.l1_size)
         new_offset = self.alloc_clusters(new_size * L1E_SIZE)
         self.flush_cache(self.refcount_cache)
+        self.pre_write_overlap_check(0, new_offset, new_size * L1E_SIZE)
         self.file.pwrite(new_offset, struct.pack(">%dQ" % new_size, *new_table))
         self.file.flush()
         self.file.pwrite(OFS_L1_SIZE, L1_SIZE_AND_OFFSET.pack(new_size, new_offset))
@@ -523,8 +527,15 @@ class ClusterMixin:
         dfile = self.data_file
         if meta is None or (meta.cow_start.nb_bytes == 0 and meta.cow_end.nb_bytes == 0):
             if data is not None and len(data):
+                self.pre_write_overlap_check(0, host, len(data), True)
                 dfile.pwrite(host, data)
             return
+        start = meta.alloc_offset + meta.cow_start.offset
+        end = meta.alloc_offset + max(meta.cow_end.offset + meta.cow_end.nb_bytes,
+                                      meta.cow_start.offset + meta.cow_start.nb_bytes)
+        if data is not None:
+            end = max(end, host + len(data))
+        self.pre_write_overlap_check(0, start, end - start, True)
         start_buf = (self._read_guest(meta.offset + meta.cow_start.offset,
                                       meta.cow_start.nb_bytes)
                      if meta.cow_start.nb_bytes else b"")
@@ -555,6 +566,9 @@ class ClusterMixin:
         if self.use_lazy_refcounts:
             self.mark_dirty()
         table, idx, slice_off = self.get_cluster_table(m.offset)
+        if not self.use_lazy_refcounts:
+            # the new clusters' refcounts must be on disk before the L2 entries
+            self.l2_cache.set_dependency(self.refcount_cache)
         old = []
         for i in range(m.nb_clusters):
             e = self.l2_entry(table, idx + i)

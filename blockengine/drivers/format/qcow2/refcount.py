@@ -23,12 +23,17 @@ from .layout import (QCOW2_DISCARD_NEVER, QCOW2_DISCARD_OTHER, QCOW_MAX_CLUSTER_
                      REFTABLE_OFFSET_AND_CLUSTERS, OFS_REFCOUNT_TABLE_OFFSET, BE64,
                      refcount_metadata_size)
 from .native import N
+from . import overlap as OL
 
 INT64_MAX = (1 << 63) - 1
 
 
-class _Again(Exception):
-    """QEMU's -EAGAIN from alloc_refcount_block(): restart the free-cluster search."""
+class _Again(BlockError):
+    """QEMU's -EAGAIN from alloc_refcount_block(): restart the free-cluster search.
+    (A BlockError, so that a caller not expecting it sees an ordinary failure.)"""
+
+    def __init__(self):
+        super().__init__("Resource temporarily unavailable", errno=errno.EAGAIN)
 
 
 class RefcountMixin:
@@ -123,6 +128,9 @@ class RefcountMixin:
         rbb, rbs, order = self.refcount_block_bits, self.refcount_block_size, self.refcount_order
         ci = start
         freed: list[tuple[int, int]] = []
+        if decrease:
+            # the L2 entries that dropped the references must be on disk first
+            self.refcount_cache.set_dependency(self.l2_cache)
         try:
             while ci <= last:
                 try:
@@ -239,6 +247,8 @@ class RefcountMixin:
         self.flush_cache(self.refcount_cache)
 
         if rti < self.refcount_table_size:
+            self.pre_write_overlap_check(OL.REFCOUNT_TABLE, self.refcount_table_offset
+                                         + rti * REFTABLE_ENTRY_SIZE, REFTABLE_ENTRY_SIZE)
             self.file.pwrite(self.refcount_table_offset + rti * REFTABLE_ENTRY_SIZE,
                              BE64.pack(new_block))
             self.file.flush()
@@ -313,6 +323,7 @@ class RefcountMixin:
         self.flush_cache(self.refcount_cache)
         be = array("Q", new_table)
         be.byteswap()
+        self.pre_write_overlap_check(0, table_offset, table_size * REFTABLE_ENTRY_SIZE)
         self.file.pwrite(table_offset, be.tobytes())
         self.file.flush()
         self.file.pwrite(OFS_REFCOUNT_TABLE_OFFSET,

@@ -1,0 +1,183 @@
+"""The `luks` format (QEMU 7.2's block/crypto.c): a LUKS1 volume in the file child.
+
+The header and key material occupy the file up to the payload offset; the guest
+sees the payload, encrypted per 512-byte sector (sector 0 = first payload sector).
+Opened for metadata only (qemu-img info: BDRV_O_NO_IO) no key is needed, as in QEMU;
+otherwise ``key-secret`` names the secret (graph.secrets) holding the passphrase.
+Reads decrypt in place after reading the ciphertext; writes encrypt into a bounce
+buffer of at most 1 MiB (QEMU's BLOCK_CRYPTO_MAX_IO_SIZE).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ....crypto.cipher import SECTOR_SIZE
+from ....crypto.luks import LuksBlock
+from ....errors import BlockError, InvalidArgument
+from ...base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BlockDriver, DriverInfo,
+                     DriverKind, PreallocMode, Status)
+
+MAX_IO_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class CreateOpt:
+    name: str
+    type: str = "str"
+    help: str = ""
+    default: str | None = None
+
+
+# block_crypto_create_opts_luks, in QEMU 7.2's order
+CREATE_OPTS = (
+    CreateOpt("size", "size", "Virtual disk size"),
+    CreateOpt("key-secret", "str", "ID of the secret that provides the keyslot passphrase"),
+    CreateOpt("cipher-alg", "str", "Name of encryption cipher algorithm"),
+    CreateOpt("cipher-mode", "str", "Name of encryption cipher mode"),
+    CreateOpt("ivgen-alg", "str", "Name of IV generator algorithm"),
+    CreateOpt("ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    CreateOpt("hash-alg", "str", "Name of encryption hash algorithm"),
+    CreateOpt("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+)
+
+
+def lookup_secret(secrets: dict | None, secret_id: str) -> bytes:
+    """qcrypto_secret_lookup_as_utf8()."""
+    if not secrets or secret_id not in secrets:
+        raise InvalidArgument("No secret with id '%s'" % secret_id)
+    data = secrets[secret_id]
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument("Data from secret %s is not valid UTF-8" % secret_id) from None
+    return data
+
+
+class LuksDriver(BlockDriver):
+    info = DriverInfo("luks", DriverKind.FORMAT, create_opts=CREATE_OPTS)
+    encrypted = True
+
+    def open(self, options: dict) -> None:
+        self.file = self.node.file_child_node()
+        if self.file is None:
+            raise InvalidArgument("Parameter 'file' is missing")
+        password = None
+        if not self.node.no_io:
+            secret_id = options.get("key-secret")
+            if secret_id is None:
+                raise InvalidArgument("Parameter 'key-secret' is required for cipher")
+            password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
+        self.block = LuksBlock.load(self._read, password)
+        self.payload_offset = self.block.payload_offset
+
+    # header I/O through the file child (zeroes past its end, as QEMU reads)
+    def _read(self, offset: int, length: int) -> bytes:
+        size = self.file.total_size
+        n = max(0, min(length, size - offset))
+        data = self.file.pread(offset, n) if n else b""
+        return data + bytes(length - n)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        self.file.pwrite(offset, data)
+
+    # ---- geometry --------------------------------------------------------------------
+    def get_length(self) -> int:
+        return max(0, self.file.total_size - self.payload_offset)
+
+    def request_alignment(self) -> int:
+        return SECTOR_SIZE
+
+    def max_transfer(self) -> int:
+        return MAX_IO_SIZE
+
+    # ---- I/O -------------------------------------------------------------------------
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        self.file.preadv(self.payload_offset + offset, buf)
+        self.block.cipher.decrypt_into(offset // SECTOR_SIZE, buf)
+
+    def pwritev(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        pos = 0
+        while pos < len(data):
+            n = min(MAX_IO_SIZE, len(data) - pos)
+            enc = self.block.encrypt((offset + pos) // SECTOR_SIZE, data[pos:pos + n])
+            self.file.pwrite(self.payload_offset + offset + pos, enc, fua)
+            pos += n
+
+    def truncate(self, size: int, exact: bool, prealloc: PreallocMode) -> None:
+        self.file.truncate(self.payload_offset + size, exact=exact, prealloc=prealloc)
+
+    def block_status(self, offset: int, length: int, want_zero: bool) -> Status:
+        # no bdrv_co_block_status in block/crypto.c: the generic answer
+        flags = BLOCK_DATA | BLOCK_ALLOCATED
+        if offset + length >= self.node.total_size:
+            flags |= BLOCK_EOF
+        return Status(flags, length)
+
+    # ---- queries ---------------------------------------------------------------------
+    def get_info(self) -> dict:
+        return {}
+
+    def refresh_filename(self) -> str | None:
+        """key-secret is one of block/crypto.c's strong runtime options: an image opened
+        with it is described as json:{...} (in QDict order), like QEMU does."""
+        secret = self.node.options.get("key-secret")
+        if secret is None:
+            return self.file.filename()
+        import json
+        from ....cli.output import to_json
+        fname = self.file.filename()
+        if fname.startswith("json:"):
+            file_opts = json.loads(fname[5:])
+        else:
+            file_opts = {"driver": self.file.driver_name, "filename": fname}
+        return "json:" + to_json({"driver": "luks", "file": file_opts, "key-secret": secret})
+
+    def info_specific(self) -> dict:
+        return {"type": "luks", "data": self.block.info()}
+
+    # ---- key slots (for amend) -------------------------------------------------------
+    def add_keyslot(self, password: bytes, iter_time: int = 2000,
+                    slot: int | None = None) -> int:
+        if self.node.read_only:
+            raise BlockError("Block node is read-only")
+        return self.block.add_key(self._write, password, iter_time, slot)
+
+    def erase_keyslot(self, slot: int) -> None:
+        if self.node.read_only:
+            raise BlockError("Block node is read-only")
+        self.block.erase_key(self._write, slot)
+
+    # ---- creation --------------------------------------------------------------------
+    @classmethod
+    def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None) -> None:
+        """block_crypto_co_create_opts_luks(): header + key slot 0, then the payload
+        as a (sparse) file extension.  ``secrets`` maps secret ids to their data."""
+        from ...protocol.file import FileDriver
+        from ....graph.graph import Graph
+
+        opts = {k: v for k, v in (opts or {}).items() if v is not None}
+        secret_id = opts.get("key-secret")
+        if secret_id is None:
+            raise InvalidArgument("Parameter 'key-secret' is required for cipher")
+        password = lookup_secret(secrets, secret_id)
+        kw = {}
+        for name in ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg"):
+            if name in opts:
+                kw[name.replace("-", "_")] = str(opts[name])
+        iter_time = int(opts.get("iter-time", 2000))
+        prealloc = opts.get("preallocation", "off")
+        try:
+            prealloc = PreallocMode(prealloc)
+        except ValueError:
+            raise InvalidArgument("Parameter 'preallocation' does not accept value '%s'"
+                                  % prealloc) from None
+        block = LuksBlock.create(password, iter_time=iter_time, **kw)
+        FileDriver.create(filename, 0, {})
+        graph = Graph()
+        try:
+            fnode = graph.open_node({"driver": "file", "filename": filename})
+            fnode.truncate(block.payload_offset + size, prealloc=prealloc)
+            block.store_key(fnode.pwrite, 0, password, iter_time)
+            fnode.flush()
+        finally:
+            graph.close_all()

@@ -1,0 +1,317 @@
+"""mirror (block/mirror.c): copy a node to a target while the guest keeps writing, then
+pivot the guest onto the target.  Also the engine of the *active* block-commit.
+
+Setup inserts a ``mirror_top`` filter above the source; a dirty bitmap on the source
+records every guest write.  The job first marks what to copy (sync=full: everything;
+top: what is allocated above the source's backing; none: nothing), then copies dirty
+runs (clearing their bits *before* reading, so a write racing with the copy re-dirties
+its chunk).  When nothing is dirty the job becomes READY and keeps copying new writes.
+
+block-job-complete (or a soft block-job-cancel once READY) ends the loop; ``prepare``
+then takes the filter's lock -- no guest write can be in flight through it -- copies
+what is still dirty and, for complete, pivots: the source (or ``replaces``) is replaced
+by the target in the graph.  A write that had already entered the old filter is
+forwarded to the new node (``redirect``), so nothing is lost.  A failed or force-
+cancelled mirror only removes its filter: the target keeps whatever was copied.
+"""
+from __future__ import annotations
+
+
+from .. import bitmaps
+from ..bitmaps import BlockDirtyBitmap
+from ..drivers.base import BLOCK_ZERO
+from ..drivers.filter.common import drop_filter, open_implicit_filter
+from ..drivers.filter.mirror_top import MirrorTopDriver
+from ..errors import BlockError, InvalidArgument, JobError
+from ..graph.backend import BlockBackend
+from ..graph.perms import Perm
+from .job import Job, check_op_blockers, device_name
+
+DEFAULT_BUF_SIZE = 16 << 20
+MAX_CHUNK = 4 << 20
+
+
+class JobBackend(BlockBackend):
+    """A job's own BlockBackend: unnamed, so permission errors name it "an unnamed
+    block device", as QEMU's do for a job's blk."""
+
+    def __init__(self, graph, job, perm, shared):
+        super().__init__(graph, perm=perm, shared=shared)
+        self.job = job
+
+
+class MirrorJob(Job):
+    job_type = "mirror"
+
+    def __init__(self, graph, job_id, source, target, *, sync: str = "full",
+                 granularity: int | None = None, buf_size: int | None = None,
+                 replaces=None, unmap: bool = True, on_source_error: str = "report",
+                 on_target_error: str = "report", filter_node_name: str | None = None,
+                 speed: int = 0, auto_finalize: bool = True, auto_dismiss: bool = True,
+                 base=None, is_commit: bool = False, backing_mode: str = "open-backing"):
+        if sync not in ("full", "top", "none"):
+            raise InvalidArgument("Sync mode '%s' not supported" % sync)
+        if granularity is None:
+            granularity = bitmaps.default_granularity(target)
+        elif granularity & (granularity - 1):
+            raise InvalidArgument("Parameter 'granularity' expects a power of 2")
+        elif not 512 <= granularity <= 64 << 20:
+            raise InvalidArgument("Parameter 'granularity' expects a value in range "
+                                  "[512B, 64MB]")
+        if buf_size is None:
+            buf_size = DEFAULT_BUF_SIZE
+        elif buf_size < 0:
+            raise InvalidArgument("Invalid parameter 'buf-size'")
+        if source is target:
+            raise InvalidArgument("Can't mirror node into itself")
+        if job_id is None:
+            job_id = device_name(source)
+        if is_commit:
+            self.job_type = "commit"
+        self.source, self.target = source, target
+        self.sync, self.granularity = sync, granularity
+        self.buf_size = max(buf_size, granularity)
+        self.unmap = unmap
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
+        self.replaces = replaces
+        self.base = base if base is not None else (source.backing if sync == "top" else None)
+        self.is_commit = is_commit
+        self.mirror_top = None
+        self.dirty: BlockDirtyBitmap | None = None
+        super().__init__(graph, job_id, source, speed=speed, auto_finalize=auto_finalize,
+                         auto_dismiss=auto_dismiss)
+        try:
+            self._setup(filter_node_name)
+        except BaseException:
+            self._teardown_filter()
+            self._release()
+            self.early_fail()
+            raise
+
+    def _setup(self, filter_node_name) -> None:
+        graph, source, target = self.graph, self.source, self.target
+        with graph.lock:
+            self.mirror_top = open_implicit_filter(graph, MirrorTopDriver, filter_node_name,
+                                                   source)
+            graph.insert_filter(self.mirror_top, source)
+            # on the source (QEMU puts it on the filter): it also sees a write that was
+            # already on its way to the source when the filter went in
+            self.dirty = BlockDirtyBitmap(source, None, self.granularity,
+                                          size=source.total_size)
+            bitmaps.add_bitmap(source, self.dirty)
+            # the job's main backend (block_job_create on mirror_top)
+            blk = JobBackend(graph, self, Perm.CONSISTENT_READ,
+                             Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
+                             | Perm.GRAPH_MOD)
+            blk.insert(self.mirror_top)
+            self.add_backend(blk)
+            target_is_backing = target in source.backing_chain()[1:]
+            perm = Perm.WRITE
+            shared = Perm.WRITE_UNCHANGED
+            if target_is_backing:
+                shared |= Perm.CONSISTENT_READ | Perm.WRITE | Perm.GRAPH_MOD
+            if target.total_size != source.total_size and self.is_commit:
+                perm |= Perm.RESIZE
+            self.target_blk = JobBackend(graph, self, perm, shared)
+            self.target_blk.insert(target)
+            self.add_backend(self.target_blk)
+            self.block_node(self.mirror_top)
+            self.block_node(source)
+            self.block_node(target)
+            if self.is_commit:
+                for n in source.backing_chain()[1:]:
+                    if n is target:
+                        break
+                    self.block_node(n)
+
+    # ---- the copy loop ------------------------------------------------------------------
+    def run(self) -> None:
+        size = self.source.total_size
+        if self.target.total_size != size:
+            if self.is_commit and self.target.total_size < size:
+                self.target.truncate(size)
+            else:
+                raise BlockError("Source and target image have different sizes")
+        if size == 0:
+            self.set_ready()
+            self._wait_for_end()
+            return
+        self._dirty_init(size)
+        cursor = 0
+        while True:
+            self.pause_point()
+            cnt = min(self.dirty.count(), size)
+            self.progress_set_remaining(cnt)
+            if cnt:
+                # as QEMU: copy, then sleep as the speed says, then look again
+                cursor, copied = self._iteration(cursor, size)
+                self.ratelimit(copied)
+                continue
+            if not self.ready:
+                self.set_ready()
+            if self.completing or self.soft_cancelled:
+                return
+            self.sleep(0.05)
+
+    def _wait_for_end(self) -> None:
+        while not (self.completing or self.soft_cancelled):
+            self.pause_point()
+            self.sleep(0.05)
+
+    def _dirty_init(self, size: int) -> None:
+        if self.sync == "none":
+            return
+        if self.sync == "full" and self.base is None:
+            self.dirty.set_all()
+            return
+        pos = 0
+        while pos < size:
+            self.pause_point()
+            allocated, n = self.source.is_allocated_above(pos, min(size - pos, 1 << 30),
+                                                          self.base)
+            n = max(n, 1)
+            if allocated:
+                self.dirty.set_dirty(pos, n)
+            pos += n
+
+    def _iteration(self, cursor: int, size: int) -> tuple[int, int]:
+        """Copy one dirty run (at most buf-size); returns (next cursor, bytes)."""
+        area = self.dirty.next_dirty_area(cursor, size, min(self.buf_size, MAX_CHUNK))
+        if area is None:
+            area = self.dirty.next_dirty_area(0, size, min(self.buf_size, MAX_CHUNK))
+            if area is None:
+                return 0, 0
+        off, n = area
+        off -= off % self.granularity
+        end = min(size, area[0] + n)
+        if end % self.granularity and end < size:
+            end += self.granularity - end % self.granularity
+        n = min(end, size) - off
+        self.dirty.reset_dirty(off, n)
+        try:
+            done = self._copy(off, n)
+        except BaseException:
+            self.dirty.set_dirty(off, n)
+            raise
+        self.progress(done)
+        return off + n, done
+
+    def _copy(self, offset: int, length: int) -> int:
+        """Copy a range; returns the bytes copied (an ignored error re-dirties the rest
+        of the range, which a later iteration copies again)."""
+        src, tgt = self.source, self.target
+        pos, end = offset, offset + length
+        while pos < end:
+            try:
+                st = src.block_status_above(pos, end - pos, None)
+                n = max(1, min(st.length, end - pos))
+                zero = bool(st.flags & BLOCK_ZERO)
+                buf = None
+                if not zero:
+                    buf = bytearray(n)
+                    src.preadv(pos, memoryview(buf))
+            except BlockError as e:
+                if self.handle_io_error(self.on_source_error, True, e):
+                    continue            # stopped and resumed: retry
+                self.dirty.set_dirty(pos, end - pos)   # ignored: copy again later
+                return pos - offset
+            try:
+                if zero:
+                    tgt.pwrite_zeroes(pos, n, may_unmap=self.unmap)
+                else:
+                    tgt.pwrite(pos, buf)
+            except BlockError as e:
+                if self.handle_io_error(self.on_target_error, False, e):
+                    continue
+                self.dirty.set_dirty(pos, end - pos)
+                return pos - offset
+            pos += n
+        return length
+
+    # ---- complete / cancel --------------------------------------------------------------
+    def do_complete(self) -> None:
+        if not self.ready:
+            raise JobError("The active block job '%s' cannot be completed" % self.id)
+        if self.replaces is not None and isinstance(self.replaces, str):
+            node = self.graph.find_node(self.replaces)
+            if node is None:
+                raise BlockError("Can't find node %s" % self.replaces)
+
+    def soft_cancel(self, force: bool) -> bool:
+        return force or not self.ready
+
+    # ---- the end --------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if self.mirror_top is None:
+            return
+        top = self.mirror_top
+        with top.lock:
+            # no guest write is in flight through the filter: converge
+            size = self.source.total_size
+            while True:
+                area = self.dirty.next_dirty_area(0, size, MAX_CHUNK)
+                if area is None:
+                    break
+                off, n = area
+                self.dirty.reset_dirty(off, n)
+                self._copy_final(off, n)
+            self.target.flush()
+            if not self.soft_cancelled:
+                self._pivot()
+            self._teardown_filter()
+
+    def _copy_final(self, off: int, n: int) -> None:
+        st = self.source.block_status_above(off, n, None)
+        if st.flags & BLOCK_ZERO and st.length >= n:
+            self.target.pwrite_zeroes(off, n, may_unmap=self.unmap)
+        else:
+            self.target.pwrite(off, self.source.pread(off, n))
+
+    def _pivot(self) -> None:
+        graph = self.graph
+        to_replace = self.source
+        if self.replaces is not None:
+            to_replace = (self.graph.find_node(self.replaces)
+                          if isinstance(self.replaces, str) else self.replaces)
+        self.target_blk.set_perm(Perm(0), Perm.all())
+        self.mirror_top.drv.stopped = True
+        graph.refresh_perms([self.mirror_top])
+        self._before_pivot()
+        graph.replace_node(to_replace, self.target)
+        self.mirror_top.drv.redirect = self.target
+        self._after_pivot(to_replace)
+
+    def _before_pivot(self) -> None:
+        """Hook (active commit: nothing; drive-mirror: nothing)."""
+
+    def _after_pivot(self, replaced) -> None:
+        """Hook for active commit."""
+
+    def _teardown_filter(self) -> None:
+        top, self.mirror_top = self.mirror_top, None
+        if top is None:
+            return
+        if self.dirty is not None:
+            bitmaps.remove_bitmap(self.source, self.dirty)
+        top.drv.stopped = True
+        try:
+            self.graph.refresh_perms([top])
+        except BlockError:
+            pass
+        if top.drv.redirect is None:
+            top.drv.redirect = top.file_child_node()
+        for blk in self._backends:
+            blk.remove()
+        drop_filter(self.graph, top)
+
+    def abort(self) -> None:
+        self._teardown_filter()
+
+    def clean(self) -> None:
+        self._teardown_filter()
+
+
+def check_job_nodes(source, target) -> None:
+    """QEMU's op-blocker checks for a mirror's source and target."""
+    check_op_blockers(source)
+    check_op_blockers(target)

@@ -1,0 +1,112 @@
+"""stream (block/stream.c): pull the data of the backing chain between a node and
+``base`` up into the node, then make ``base`` its backing file.
+
+The job walks the image; a range already allocated in the top node is skipped, a
+range allocated in an intermediate image is read through the top and written into it
+(copy-on-read).  Each copy happens under the top node's lock after re-checking the
+allocation, so a guest write to the same range either lands before (the range is then
+allocated and skipped) or after (and overwrites the copied old data): never lost.
+On success the top's backing edge moves to ``base`` (the image header records
+``backing-file``/base's filename through ``drv.change_backing_file`` when the format
+has it) and the intermediate images leave the graph.
+"""
+from __future__ import annotations
+
+from ..errors import BlockError
+from ..graph.child import ChildRole
+from ..graph.perms import Perm
+from .job import Job
+from .mirror import JobBackend
+
+CHUNK = 1 << 20
+
+
+def change_backing(graph, node, new_backing, backing_file: str | None = None,
+                   backing_fmt: str | None = None) -> None:
+    """Point ``node``'s backing edge at ``new_backing`` (None: no backing) and record it
+    in the image header when the driver can."""
+    with graph.lock:
+        old = node.child("backing")
+        if new_backing is not None:
+            graph.attach_child(node, new_backing, "backing", ChildRole.COW)
+        if old is not None:
+            graph.detach_child(old)
+        change = getattr(node.drv, "change_backing_file", None)
+        if change is not None:
+            if new_backing is None:
+                change(None, None)
+            else:
+                change(backing_file or new_backing.filename(),
+                       backing_fmt or new_backing.driver_name)
+
+
+class StreamJob(Job):
+    job_type = "stream"
+
+    def __init__(self, graph, job_id, top, base=None, *, backing_file: str | None = None,
+                 on_error: str = "report", speed: int = 0, auto_finalize: bool = True,
+                 auto_dismiss: bool = True, bottom=None):
+        self.top, self.base = top, base
+        self.backing_file = backing_file
+        self.on_error_policy = on_error
+        chain = top.backing_chain()
+        stop = chain.index(base) if base is not None and base in chain else len(chain)
+        if bottom is not None:
+            stop = chain.index(bottom) + 1
+            self.base = chain[stop] if stop < len(chain) else None
+        self.intermediates = chain[1:stop]
+        super().__init__(graph, job_id, top, speed=speed, auto_finalize=auto_finalize,
+                         auto_dismiss=auto_dismiss, on_error=on_error)
+        try:
+            with graph.lock:
+                blk = JobBackend(graph, self, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+                                 Perm.all())
+                blk.insert(top)
+                self.add_backend(blk)
+                self.block_node(top)
+                for n in self.intermediates:
+                    self.block_node(n)
+        except BaseException:
+            self._release()
+            self.early_fail()
+            raise
+
+    def run(self) -> None:
+        top = self.top
+        if not self.intermediates:
+            return                      # nothing to stream (QEMU: len stays 0)
+        size = top.total_size
+        self.progress_set_remaining(size)
+        backing = top.backing
+        first_error = None
+        pos = 0
+        while pos < size:
+            self.pause_point()
+            n = min(CHUNK, size - pos)
+            try:
+                with top.lock:
+                    allocated, n = top.is_allocated_above(pos, n, backing)
+                    n = max(1, n)
+                    copy = False
+                    if not allocated and backing is not None and backing is not self.base:
+                        copy, n = backing.is_allocated_above(pos, n, self.base)
+                        n = max(1, n)
+                    if copy:
+                        top.pwrite(pos, top.pread(pos, n))
+            except BlockError as e:
+                # stream_run(): stop retries, ignore skips the chunk but fails the job
+                # at the end (the backing chain is then left alone), report fails now
+                if self.handle_io_error(self.on_error_policy, getattr(e, "is_read", True), e):
+                    continue
+                first_error = first_error or e
+                copy = False
+            pos += n
+            self.progress(n)
+            if copy:
+                self.ratelimit(n)
+        if first_error is not None:
+            raise first_error
+
+    def prepare(self) -> None:
+        if self.intermediates:
+            change_backing(self.graph, self.top, self.base, self.backing_file)
