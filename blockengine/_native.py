@@ -104,10 +104,13 @@ def _build_api(ffi, lib) -> SimpleNamespace:
     # type; the Python twin then raises the same exception it always does
     # for such values (or computes the answer when the value is legal).
 
-    def l2_scan(table, start_index, count, extended, cluster_bits, *, data_file=False):
+    def l2_scan(table, start_index, count, extended, cluster_bits, *, data_file=False,
+                max_runs=None):
         try:
             tbuf = from_buffer("uint8_t[]", table)
             nmax = min(count, _CHUNK) if count > 0 else 1
+            if max_runs is not None:
+                nmax = min(nmax, max(1, max_runs))
             runs = new_raw("be_run[]", nmax)
             result = []
             idx, left = start_index, count
@@ -118,7 +121,7 @@ def _build_api(ffi, lib) -> SimpleNamespace:
                     fail(rc, "l2_scan")
                 result += [(first, n, kind, host, copied != 0) for first, n, kind, copied, host
                            in iter_unpack("=IIIIQ", unpack_buffer(runs, 24 * rc))]
-                if rc < nmax:
+                if rc < nmax or (max_runs is not None and len(result) >= max_runs):
                     return result
                 covered = runs[rc - 1].first_index + runs[rc - 1].n - idx
                 idx += covered
@@ -127,7 +130,7 @@ def _build_api(ffi, lib) -> SimpleNamespace:
                     return result
         except OverflowError:
             return _py.l2_scan(table, start_index, count, extended, cluster_bits,
-                               data_file=data_file)
+                               data_file=data_file, max_runs=max_runs)
 
     def subcluster_runs(bitmap, first_sc):
         try:

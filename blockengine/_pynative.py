@@ -129,7 +129,8 @@ def _classify(entry: int, bitmap: int, extended: bool, cluster_bits: int,
 
 
 def l2_scan(table, start_index: int, count: int, extended: bool,
-            cluster_bits: int, *, data_file: bool = False) -> list[tuple[int, int, int, int, bool]]:
+            cluster_bits: int, *, data_file: bool = False,
+            max_runs: int | None = None) -> list[tuple[int, int, int, int, bool]]:
     """Classify L2 entries [start_index, start_index + count) into runs.
 
     ``table`` holds big-endian L2 entries, 8 bytes each (16 with
@@ -153,6 +154,7 @@ def l2_scan(table, start_index: int, count: int, extended: bool,
     of a run's first entry describes every entry (see ``subcluster_runs``).
     ``data_file``: an external data file is used, so offset 0 with COPIED set
     is a NORMAL cluster at host offset 0 (as qcow2_get_cluster_type()).
+    ``max_runs``: return only the first max_runs runs (block status needs one).
 
     Raises ValueError unless 9 <= cluster_bits <= 21, IndexError if the range
     exceeds the table.
@@ -186,6 +188,8 @@ def l2_scan(table, start_index: int, count: int, extended: bool,
                 cur_n += 1
                 continue
             runs.append((cur_first, cur_n, cur_kind, cur_host, cur_copied))
+            if max_runs is not None and len(runs) >= max_runs:
+                return runs
         cur_first, cur_n, cur_kind, cur_host = start_index + k, 1, kind, host
         cur_copied, cur_bitmap = copied, bitmap
     runs.append((cur_first, cur_n, cur_kind, cur_host, cur_copied))

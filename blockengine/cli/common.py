@@ -156,12 +156,14 @@ class Session:
     def open(self, filename: str, fmt: str | None = None, *, image_opts: bool = False,
              writable: bool = False, force_share: bool = False, backing: bool = True,
              cache: str = DEFAULT_CACHE, exclusive: bool = False, source_cache: bool = True,
-             no_io: bool = False) -> Image:
+             no_io: bool = False, check: bool = False) -> Image:
         """img_open(): open one image or print QEMU's message and raise Exit(1).
 
         ``exclusive`` unshares writes (BDRV_O_NO_SHARE, only convert sources use it);
-        ``no_io`` takes no permission at all (BDRV_O_NO_IO, as `info` opens).
+        ``no_io`` takes no permission at all (BDRV_O_NO_IO, as `info` opens);
+        ``check`` opens for `check` (BDRV_O_CHECK: the format's ``x-check`` option).
         """
+        extra = {"x-check": True} if check else None
         shared = NO_SHARE if exclusive else None
         direct, no_flush = parse_cache(cache, source_cache)
         graph = Graph()
@@ -169,11 +171,11 @@ class Session:
         try:
             if image_opts:
                 img = self._open_options(graph, filename, fmt, writable, force_share,
-                                         shared, no_io)
+                                         shared, no_io, extra)
             else:
                 img = Image(filename, fmt, read_only=not writable, force_share=force_share,
                             backing=backing, cache_direct=direct, no_flush=no_flush,
-                            graph=graph, shared=shared, no_io=no_io)
+                            graph=graph, shared=shared, no_io=no_io, options=extra)
         except OptionError as e:
             raise report.fail("Could not open '%s': %s" % (filename, e), hint=e.hint)
         except BlockError as e:
@@ -182,7 +184,8 @@ class Session:
             self._probed_raw_warning(img)
         return img
 
-    def _open_options(self, graph, text, fmt, writable, force_share, shared, no_io):
+    def _open_options(self, graph, text, fmt, writable, force_share, shared, no_io,
+                      extra=None):
         if fmt:
             raise report.fail("--image-opts and --format are mutually exclusive")
         flat = dict(parse_opts(text, implied="file"))
@@ -191,6 +194,7 @@ class Session:
                 raise report.fail("--force-share/-U conflicts with image options")
             flat["force-share"] = "on"
         options = typed_blockdev_options(flat)
+        options.update(extra or {})
         if "driver" not in options:
             ref = options.get("file")
             if isinstance(ref, str):

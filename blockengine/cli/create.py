@@ -120,11 +120,13 @@ def check_create_locks(filename: str) -> None:
 def img_create(filename: str, fmt: str, *, options: str | None = None,
                size: int | None = None, base_filename: str | None = None,
                base_fmt: str | None = None, no_open_backing: bool = False,
-               announce=None, extra: dict | None = None) -> None:
+               announce=None, extra: dict | None = None,
+               secrets: dict | None = None) -> None:
     """bdrv_img_create(): create ``filename`` as ``fmt``; ``size`` None = not given.
 
     ``announce(line)`` receives the "Formatting ..." line before creation starts;
-    ``extra`` are options set after -o parsing (convert sets the size this way).
+    ``extra`` are options set after -o parsing (convert sets the size this way);
+    ``secrets`` are the --object secret values (key-secret options name them).
     """
     drv_cls = find_format(fmt)
     opts = OptsSet(create_options(fmt, filename))
@@ -167,7 +169,7 @@ def img_create(filename: str, fmt: str, *, options: str | None = None,
     typed = opts.typed()
     typed.pop("size", None)
     # the drivers' QemuOpts translators (raw_co_create_opts...) round up to sectors
-    drv_cls.create(filename, -(-size // 512) * 512, typed)
+    drv_cls.create(filename, -(-size // 512) * 512, typed, secrets=secrets)
 
 
 def _backing_size(filename: str, backing_file: str, backing_fmt: str | None,

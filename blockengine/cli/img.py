@@ -232,7 +232,7 @@ def cmd_check(argv: list[str]) -> int:
     ofmt = output_format(output)
     parse_cache(cache, source=True)
     img = session.open(filename, fmt, image_opts=image_opts, writable=bool(fix),
-                       force_share=force_share, cache=cache)
+                       force_share=force_share, cache=cache, check=True)
     try:
         try:
             check = image_check(img.node, filename, fix)
@@ -304,7 +304,7 @@ def cmd_create(argv: list[str]) -> int:
     try:
         img_create(filename, fmt, options=options, size=size, base_filename=base_filename,
                    base_fmt=base_fmt, no_open_backing=unsafe,
-                   announce=None if quiet else _announce)
+                   announce=None if quiet else _announce, secrets=session.secrets)
     except BlockError as e:
         raise report.fail("%s: %s" % (filename, e), hint=e.hint)
     return 0
@@ -436,7 +436,7 @@ def cmd_convert(argv: list[str]) -> int:
         total = sum(-(-img.size // SECTOR) for img in images) * SECTOR
         if not skip_create:
             _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt,
-                            total, compressed, bitmaps, images)
+                            total, compressed, bitmaps, images, session.secrets)
         elif compressed:
             _check_compress(out_fmt)
         parse_cache(cache)
@@ -467,7 +467,7 @@ def _check_compress(out_fmt: str) -> None:
 
 
 def _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt, total,
-                    compressed, bitmaps, images) -> None:
+                    compressed, bitmaps, images, secrets=None) -> None:
     """The create half of img_convert, with its checks in QEMU's order."""
     try:
         opts = OptsSet(create_options(out_fmt, out_filename))
@@ -499,7 +499,7 @@ def _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt, to
         extra["backing_fmt"] = backing_fmt
     try:
         img_create(out_filename, out_fmt, options=options, extra=extra,
-                   no_open_backing=True)
+                   no_open_backing=True, secrets=secrets)
     except BlockError as e:
         raise report.fail("%s: error while converting %s: %s" % (out_filename, out_fmt, e),
                           hint=e.hint)

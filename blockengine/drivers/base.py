@@ -146,6 +146,10 @@ class BlockDriver:
     def check_perm(self, perm: Perm, shared: Perm) -> None:
         """Raise LockError if another process's locks conflict with (perm, shared)."""
 
+    # Format and protocol drivers that can make new images define
+    #     @classmethod create(cls, filename, size, opts, secrets=None)
+    # where opts are the typed `-o` options and secrets map secret ids to their bytes.
+
     # ---- queries ------------------------------------------------------------------
     def get_info(self) -> dict | None:
         """bdrv_get_info(): {'cluster_size': n?, 'is_dirty': bool?} or None if unsupported."""

@@ -39,6 +39,8 @@ class Graph:
         self.events = events if events is not None else EventSink()
         self.secrets: dict[str, bytes] = {}          # --object secret,...
         self.throttle_groups = ThrottleGroups()
+        # run by close_all() first (the job layer cancels its jobs here)
+        self.before_close: list = []
 
     # ---- lookup ---------------------------------------------------------------------
     def find_node(self, name: str) -> BlockNode | None:
@@ -353,12 +355,16 @@ class Graph:
         return out
 
     def delete_node(self, node: BlockNode) -> None:
-        """blockdev-del: only for unused nodes the monitor owns (QEMU's messages)."""
+        """qmp_blockdev_del(): only unused nodes the monitor owns, checked in QEMU's order."""
+        from .backend import BlockBackend
         with self.lock:
+            if any(isinstance(c.parent, BlockBackend) for c in node.parents):
+                raise BlockError("Node %s is in use" % node.node_name)
+            node.check_op_blockers()
             if not node.monitor_owned:
                 raise BlockError("Node %s is not owned by the monitor" % node.node_name)
             if node.parents:
-                raise BlockError("Node %s is in use" % node.node_name)
+                raise BlockError("Block device %s is in use" % node.node_name)
             self.nodes.pop(node.node_name, None)
             self._close(node)
 
@@ -388,14 +394,21 @@ class Graph:
             self._release(c.node)
 
     def close_all(self) -> None:
-        """Close every device and node (as QEMU does at exit)."""
+        """Close every device and node, as QEMU does at exit (jobs are cancelled first)."""
+        for hook in list(self.before_close):
+            hook()
         with self.lock:
             for blk in list(self.backends.values()):
                 blk.delete()
-            for node in list(self.nodes.values()):
-                if not node.parents and node.node_name in self.nodes:
-                    self.nodes.pop(node.node_name)
-                    self._close(node)
+            # top-down: closing a node releases its children, which may then be closed
+            while True:
+                tops = [n for n in self.nodes.values() if not n.parents]
+                if not tops:
+                    break
+                for node in tops:
+                    if self.nodes.get(node.node_name) is node and not node.parents:
+                        self.nodes.pop(node.node_name)
+                        self._close(node)
 
 
 def abspath_like_qemu(base_filename: str, relative: str) -> str:

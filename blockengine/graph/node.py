@@ -57,6 +57,8 @@ class BlockNode:
         self.lock = threading.RLock()
         self.write_threshold = 0
         self.wr_highest_offset = 0
+        # reasons operations on this node are refused (bdrv_op_block), e.g. a running job
+        self.op_blockers: list[str] = []
         self.dirty_bitmaps: list = []
         # callables (node, offset, length) run before a write/zero/discard reaches the driver
         self.before_write_notifiers: list = []
@@ -79,6 +81,11 @@ class BlockNode:
     @property
     def is_filter(self) -> bool:
         return self.drv.info.kind is DriverKind.FILTER
+
+    def check_op_blockers(self) -> None:
+        """bdrv_op_is_blocked(): refuse with the first blocker's reason, QEMU's wording."""
+        if self.op_blockers:
+            raise BlockError("Node '%s' is busy: %s" % (self.node_name, self.op_blockers[0]))
 
     def parent_desc(self) -> str:
         return "node '%s'" % self.node_name
@@ -418,7 +425,8 @@ def _json_options(node) -> str:
     import json
     opts = {"driver": node.driver_name}
     for k, v in node.options.items():
-        if k not in ("node-name", "driver"):
+        # x-* are our internal open flags (probed, no-io, check), not user options
+        if k not in ("node-name", "driver") and not k.startswith("x-"):
             opts[k] = v
     for c in node.children:
         opts[c.name] = json.loads(_json_options(c.node))

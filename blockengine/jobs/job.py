@@ -98,28 +98,23 @@ def jobs_of(graph) -> JobRegistry:
     if reg is None:
         reg = JobRegistry(graph)
         graph._job_registry = reg
+        # as QEMU at exit: cancel every job before the nodes are closed
+        graph.before_close.append(lambda: cancel_all_sync(graph))
     return reg
 
 
 # ---- op blockers ---------------------------------------------------------------------------
 def add_op_blocker(node, reason: str) -> None:
-    blockers = getattr(node, "op_blockers", None)
-    if blockers is None:
-        blockers = node.op_blockers = []
-    blockers.append(reason)
+    node.op_blockers.append(reason)
 
 
 def remove_op_blocker(node, reason: str) -> None:
-    blockers = getattr(node, "op_blockers", None)
-    if blockers and reason in blockers:
-        blockers.remove(reason)
+    if reason in node.op_blockers:
+        node.op_blockers.remove(reason)
 
 
 def check_op_blockers(node) -> None:
-    """bdrv_op_is_blocked(): the first blocker's reason, QEMU's wording."""
-    blockers = getattr(node, "op_blockers", None)
-    if blockers:
-        raise BlockError("Node '%s' is busy: %s" % (node.node_name, blockers[0]))
+    node.check_op_blockers()
 
 
 def device_name(node) -> str:

@@ -233,3 +233,15 @@ def test_wrong_password_message(qemu_img, qemu_io, be_bindir, tmp_path):
     ours = _run(be_bindir / "qemu-io", *argv, check=False)
     assert ours.stderr == ref.stderr
     assert b"Invalid password, cannot unlock any keyslot" in ours.stderr
+
+
+def test_cli_create_with_secret_object_matches_qemu_img(run_both, qemu_io):
+    """`img create -f luks --object secret,...`: the same output, and qemu-io can use ours."""
+    both = run_both(["create", "-f", "luks", "--object", "secret,id=sec0,data=abc",
+                     "-o", "key-secret=sec0,iter-time=10", "x.luks", "4M"])
+    both.assert_same()
+    r = subprocess.run([qemu_io, "--object", "secret,id=sec0,data=abc", "--image-opts",
+                        "driver=luks,key-secret=sec0,file.filename=%s" % (both.our_dir / "x.luks"),
+                        "-c", "write -P 0x5 0 64k", "-c", "read -P 0x5 0 64k"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stderr

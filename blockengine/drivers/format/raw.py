@@ -98,6 +98,7 @@ class RawDriver(BlockDriver):
         return self.file.filename()
 
     @classmethod
-    def create(cls, filename: str, size: int, opts: dict) -> None:
+    def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None
+               ) -> None:
         from ..protocol.file import FileDriver
         FileDriver.create(filename, size, opts)

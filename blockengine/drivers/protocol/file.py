@@ -279,7 +279,8 @@ class FileDriver(BlockDriver):
 
     # ---- creation ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, filename: str, size: int, opts: dict) -> None:
+    def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None
+               ) -> None:
         """raw_co_create(): create or truncate the file, then preallocate."""
         try:
             prealloc = PreallocMode(opts.get("preallocation", "off"))

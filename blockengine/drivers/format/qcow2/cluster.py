@@ -110,11 +110,11 @@ class ClusterMixin:
         csize = nb_csectors * QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
         return coffset, csize
 
-    def _scan(self, table, index: int, count: int) -> list:
+    def _scan(self, table, index: int, count: int, max_runs: int | None = None) -> list:
         """l2_scan with the entries _native calls invalid reclassified as QEMU does
         (qcow2_get_cluster_type ignores reserved bits); their 6th field is True."""
         runs = N.l2_scan(table, index, count, self.extended, self.cluster_bits,
-                         data_file=self.has_data_file)
+                         data_file=self.has_data_file, max_runs=max_runs)
         out = []
         for first, n, kind, host, copied in runs:
             if kind == N.L2_INVALID:
@@ -143,10 +143,12 @@ class ClusterMixin:
                                    % (l2_offset, l1_index))
         return l2_offset
 
-    def get_host_runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+    def get_host_runs(self, offset: int, length: int, max_runs: int | None = None
+                      ) -> list[tuple[int, int, int]]:
         """Runs (bytes, subcluster type, host offset | L2 entry if compressed) from offset,
         covering at most length bytes and never crossing an L2 slice (as
-        qcow2_get_host_offset() but for every run of the slice)."""
+        qcow2_get_host_offset() but for every run of the slice).  With ``max_runs``
+        only the first runs (block status asks for one: map calls it per extent)."""
         cb, cs = self.cluster_bits, self.cluster_size
         in_cluster = offset & (cs - 1)
         l1_index, slice_no, idx = self._l2_location(offset)
@@ -162,7 +164,7 @@ class ClusterMixin:
         if not self.extended:
             skip = in_cluster
             left = length
-            for first, n, t, host, copied, bad in self._scan(table, idx, nclusters):
+            for first, n, t, host, copied, bad in self._scan(table, idx, nclusters, max_runs):
                 nbytes = min((n << cb) - skip, left)
                 if t == CL_NORMAL or t == CL_ZERO_ALLOC:
                     if bad or self.has_data_file:
@@ -183,7 +185,7 @@ class ClusterMixin:
                 skip = 0
             return out
         return self._get_host_runs_extended(table, l2_offset, offset, idx, in_cluster,
-                                            length)
+                                            length, max_runs)
 
     def _check_host_cluster(self, l2_offset: int, index: int, host: int, guest: int) -> None:
         if host & (self.cluster_size - 1):
@@ -195,7 +197,8 @@ class ClusterMixin:
                                    "not match guest cluster offset: %#x, L2 index: %#x)"
                                    % (host, guest_cluster, index))
 
-    def _get_host_runs_extended(self, table, l2_offset, offset, idx, in_cluster, length):
+    def _get_host_runs_extended(self, table, l2_offset, offset, idx, in_cluster, length,
+                                max_runs=None):
         cb, cs = self.cluster_bits, self.cluster_size
         scb = self.subcluster_bits
         out: list[list[int]] = []
@@ -235,6 +238,8 @@ class ClusterMixin:
                     out[-1][0] += n
                 else:
                     out.append([n, st, h])
+                    if max_runs is not None and len(out) > max_runs:
+                        return [tuple(r) for r in out[:max_runs]]   # the last one is complete
                 pos += n
                 sc += cnt
             i += 1

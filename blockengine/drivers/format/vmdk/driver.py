@@ -776,7 +776,8 @@ class VmdkDriver(BlockDriver):
 
     # ================================================================ creation
     @classmethod
-    def create(cls, filename: str, size: int, opts: dict) -> None:
+    def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None
+               ) -> None:
         from .create import create
         create(filename, size, opts)
 
