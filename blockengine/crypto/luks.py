@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BlockError, InvalidArgument, InvalidImage
 from . import afsplit
-from .cipher import (CIPHER_KEY_LEN, DIGEST_LEN, HASH_ALGS, IVGEN_ALGS, CIPHER_MODES,
+from .cipher import (CIPHER_KEY_LEN, HASH_ALGS, IVGEN_ALGS, CIPHER_MODES,
                      SECTOR_SIZE, SectorCipher, check_cipher, essiv_cipher, hash_obj,
                      key_len, pbkdf2)
 

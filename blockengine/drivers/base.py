@@ -25,12 +25,21 @@ class DriverKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class CreateOpt:
+    """One `img create -o` option (QEMU's QemuOptDesc): type 'str', 'bool', 'num' or 'size'."""
+    name: str
+    type: str = "str"
+    help: str = ""
+    default: str | None = None
+
+
+@dataclass(frozen=True)
 class DriverInfo:
     name: str
     kind: DriverKind
     supports_backing: bool = False
-    # option names `img create -o` accepts for this driver, in qemu-img's help order
-    create_opts: tuple[str, ...] = field(default=())
+    # `img create -o` options in QEMU's order (CreateOpt, or bare names of 'str' options)
+    create_opts: tuple = field(default=())
 
 
 class PreallocMode(enum.Enum):

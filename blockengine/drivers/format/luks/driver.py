@@ -9,23 +9,15 @@ buffer of at most 1 MiB (QEMU's BLOCK_CRYPTO_MAX_IO_SIZE).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ....crypto.cipher import SECTOR_SIZE
 from ....crypto.luks import LuksBlock
 from ....errors import BlockError, InvalidArgument
+from ...base import CreateOpt
 from ...base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BlockDriver, DriverInfo,
                      DriverKind, PreallocMode, Status)
 
 MAX_IO_SIZE = 1 << 20
-
-
-@dataclass(frozen=True)
-class CreateOpt:
-    name: str
-    type: str = "str"
-    help: str = ""
-    default: str | None = None
 
 
 # block_crypto_create_opts_luks, in QEMU 7.2's order

@@ -199,7 +199,7 @@ class ClusterMixin:
 
     def _get_host_runs_extended(self, table, l2_offset, offset, idx, in_cluster, length,
                                 max_runs=None):
-        cb, cs = self.cluster_bits, self.cluster_size
+        cs = self.cluster_size
         scb = self.subcluster_bits
         out: list[list[int]] = []
         pos = 0

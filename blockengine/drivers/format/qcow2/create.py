@@ -9,7 +9,6 @@ is set.
 """
 from __future__ import annotations
 
-import os
 
 from ....errors import InvalidArgument, NotSupported
 from ...base import PreallocMode

@@ -16,34 +16,24 @@ import re
 import struct
 import sys
 from array import array
-from dataclasses import dataclass
 
 from ....errors import BlockError, CorruptImage, InvalidArgument, InvalidImage, NotSupported
 from ....graph.child import ChildRole
+from ...base import CreateOpt
 from ...base import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO, BlockDriver,
                      DriverInfo, DriverKind, PreallocMode, Status)
 from . import layout as L
 from .cache import Qcow2Cache, cache_sizes
 from .cluster import ClusterMixin, L2Meta, CowRegion
 from .compress import decompress
-from .layout import (CL_COMPRESSED, SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC,
-                     SC_UNALLOCATED_PLAIN, SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
-from .native import N
+from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCATED_PLAIN,
+                     SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
 from .refcount import RefcountMixin
 from .snapshot import read_snapshots
 from . import overlap as OL
 
 INT64_MAX = (1 << 63) - 1
 _ZEROES = bytes(1 << 20)
-
-@dataclass(frozen=True)
-class CreateOpt:
-    """A QemuOptDesc of qcow2_create_opts (type: 'str', 'bool', 'num' or 'size')."""
-    name: str
-    type: str = "str"
-    help: str = ""
-    default: str | None = None
-
 
 # qcow2_create_opts in QEMU 7.2's order: the "Formatting ..." line follows it, and
 # `-o help` prints it sorted by name
@@ -191,10 +181,14 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
         self.refcount_bits = 1 << h.refcount_order
         self.refcount_max = (1 << self.refcount_bits) - 1
         self.crypt_method_header = h.crypt_method
+        self.crypto = None
+        self.crypto_header = (0, 0)
         if h.crypt_method:
             if h.crypt_method > L.QCOW_CRYPT_LUKS:
                 raise InvalidArgument("Unsupported encryption method %d" % h.crypt_method)
-            raise NotSupported("Parameter 'encrypt.key-secret' is required for cipher")
+            if h.crypt_method == L.QCOW_CRYPT_AES:
+                raise NotSupported("qcow2 AES encryption (crypt_method 1) is not supported "
+                                   "by blockengine")
         self.l2e_size = L.L2E_SIZE_EXTENDED if self.extended else L.L2E_SIZE_NORMAL
         self.l2_bits = cb - (self.l2e_size.bit_length() - 1)
         self.l2_size = 1 << self.l2_bits
@@ -232,9 +226,16 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             self.l1_table = []
 
         self._update_options(options)
+        encrypt_opts = _encrypt_options(options)
+        self._check_encrypt_format(encrypt_opts)
         self.refcount_init()
 
         exts = self._read_extensions(h.header_length, ext_end, parse=True)
+        if "crypto" in exts:
+            self._open_crypto(exts["crypto"], encrypt_opts)
+        if self.crypt_method_header and self.crypto is None and not self.node.no_io:
+            raise InvalidArgument("Missing CRYPTO header for crypt method %d"
+                                  % self.crypt_method_header)
         self.image_backing_format = exts.get("backing_format")
         self.image_data_file = exts.get("data_file")
         self.unknown_exts = exts.get("unknown", [])
@@ -334,7 +335,15 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
                 if parse and self.header.crypt_method != L.QCOW_CRYPT_LUKS:
                     raise InvalidImage("CRYPTO header extension only expected with LUKS "
                                        "encryption method")
-                out["crypto"] = body
+                if parse:
+                    if length != L.CRYPTO_EXT.size:
+                        raise InvalidImage("CRYPTO header extension size %u, but expected "
+                                           "size %d" % (length, L.CRYPTO_EXT.size))
+                    hoff, hlen = L.CRYPTO_EXT.unpack(body)
+                    if hoff % cs:
+                        raise InvalidImage("Encryption header offset '%d' is not a multiple "
+                                           "of cluster size '%d'" % (hoff, cs))
+                    out["crypto"] = (hoff, hlen)
             elif magic == L.QCOW2_EXT_MAGIC_BITMAPS and parse:
                 if length != L.BITMAPS_EXT.size:
                     raise InvalidImage("bitmaps_ext: Invalid extension length")
@@ -408,6 +417,49 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             L.QCOW2_DISCARD_SNAPSHOT: opt("pass-discard-snapshot", True),
             L.QCOW2_DISCARD_OTHER: opt("pass-discard-other", False),
         }
+
+    # ================================================================ encryption
+    def _check_encrypt_format(self, enc: dict) -> None:
+        """qcow2_update_options_prepare(): encrypt.format against the header."""
+        fmt = enc.get("format")
+        if self.crypt_method_header == L.QCOW_CRYPT_NONE:
+            if fmt:
+                raise InvalidArgument("No encryption in image header, but options specified "
+                                      "format '%s'" % fmt)
+        elif self.crypt_method_header == L.QCOW_CRYPT_LUKS:
+            if fmt and fmt != "luks":
+                raise InvalidArgument("Header reported 'luks' encryption format but options "
+                                      "specify '%s'" % fmt)
+
+    def _open_crypto(self, ext: tuple[int, int], enc: dict) -> None:
+        """The CRYPTO header extension branch of qcow2_read_extensions():
+        qcrypto_block_open() with the "encrypt." prefix; the LUKS header lives in
+        the clusters at ext[0] (ext[1] bytes)."""
+        from ..luks.driver import lookup_secret
+        from ....crypto.luks import LuksBlock
+        self.crypto_header = ext
+        password = None
+        if not self.node.no_io:
+            secret_id = enc.get("key-secret")
+            if secret_id is None:
+                raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+            password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
+        self.crypto = LuksBlock.load(self._crypto_hdr_read, password)
+
+    def _crypto_hdr_read(self, offset: int, length: int) -> bytes:
+        """qcow2_crypto_hdr_read_func()."""
+        hoff, hlen = self.crypto_header
+        if offset + length > hlen:
+            raise InvalidImage("Request for data outside of extension header")
+        return self.file.pread(hoff + offset, length)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(getattr(self, "crypt_method_header", 0))
+
+    def request_alignment(self) -> int:
+        # qcow2_refresh_limits(): encrypted I/O works on whole sectors
+        return 512 if getattr(self, "crypto", None) is not None else 1
 
     def _open_data_file(self, options: dict) -> None:
         child = self.node.child("data-file")
@@ -483,6 +535,9 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
                                     self.image_backing_format.encode())
         if self.has_data_file and self.image_data_file:
             buf += L.pack_extension(L.QCOW2_EXT_MAGIC_DATA_FILE, self.image_data_file.encode())
+        if self.crypto_header[0]:
+            buf += L.pack_extension(L.QCOW2_EXT_MAGIC_CRYPTO_HEADER,
+                                    L.CRYPTO_EXT.pack(*self.crypto_header))
         if self.version >= 3 and cs > 4096:
             buf += L.pack_extension(L.QCOW2_EXT_MAGIC_FEATURE_TABLE, L.pack_feature_table())
         if self.bitmaps_ext:
@@ -634,6 +689,8 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             data = {"compat": "0.10",
                     "compression-type": L.COMPRESSION_TYPE_NAMES[self.compression_type],
                     "refcount-bits": self.refcount_bits}
+            if self.crypto is not None:
+                data["encrypt"] = self._encrypt_info()
         else:
             data = {"compat": "1.1",
                     "compression-type": L.COMPRESSION_TYPE_NAMES[self.compression_type],
@@ -643,12 +700,20 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             if bitmaps:
                 data["bitmaps"] = bitmaps
             data["refcount-bits"] = self.refcount_bits
+            if self.crypto is not None:
+                data["encrypt"] = self._encrypt_info()
             if self.image_data_file:
                 data["data-file"] = self.image_data_file
                 data["data-file-raw"] = self.data_file_raw
             data["corrupt"] = bool(self.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT)
             data["extended-l2"] = self.extended
         return {"type": "qcow2", "data": data}
+
+    def _encrypt_info(self) -> dict:
+        """ImageInfoSpecificQCow2Encryption: the format, then QCryptoBlockInfoLUKS."""
+        out = {"format": "luks"}
+        out.update(self.crypto.info())
+        return out
 
     def _bitmap_info_list(self) -> list[dict]:
         if not self.bitmaps_ext:
@@ -696,13 +761,14 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
     def preadv_internal(self, offset: int, buf: memoryview) -> None:
         """qcow2_co_preadv_part()."""
         pos, total = 0, len(buf)
-        cs = self.cluster_size
-        # fast path: one cluster, normal mapping
         while pos < total:
             for n, t, host in self.get_host_runs(offset + pos, total - pos):
                 view = buf[pos:pos + n]
                 if t == SC_NORMAL:
                     self.data_file.preadv(host, view)
+                    if self.crypto is not None:
+                        # qcow2_co_preadv_encrypted(): LUKS tweaks by host sector
+                        self.crypto.cipher.decrypt_into(host >> 9, view)
                 elif t == SC_ZERO_PLAIN or t == SC_ZERO_ALLOC:
                     _zero(view)
                 elif t == SC_UNALLOCATED_PLAIN or t == SC_UNALLOCATED_ALLOC:
@@ -744,7 +810,7 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
         status = 0
         host_node = None
         host_off = 0
-        if t in (SC_NORMAL, SC_ZERO_ALLOC, SC_UNALLOCATED_ALLOC):
+        if t in (SC_NORMAL, SC_ZERO_ALLOC, SC_UNALLOCATED_ALLOC) and self.crypto is None:
             status |= BLOCK_OFFSET_VALID
             host_off, host_node = host, self.data_file
         if t in (SC_ZERO_PLAIN, SC_ZERO_ALLOC):
@@ -1028,7 +1094,19 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
     def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None
                ) -> None:
         from .create import create
-        create(filename, size, opts)
+        create(filename, size, opts, secrets)
+
+
+def _encrypt_options(options: dict) -> dict:
+    """The "encrypt." options, nested (blockdev) or dotted (flat)."""
+    enc = {}
+    sub = options.get("encrypt")
+    if isinstance(sub, dict):
+        enc.update(sub)
+    for k, v in options.items():
+        if k.startswith("encrypt."):
+            enc[k[len("encrypt."):]] = v
+    return enc
 
 
 def _opened_for_check(options: dict) -> bool:

@@ -125,7 +125,7 @@ class RefcountMixin:
         cb = self.cluster_bits
         start = offset >> cb
         last = (offset + length - 1) >> cb
-        rbb, rbs, order = self.refcount_block_bits, self.refcount_block_size, self.refcount_order
+        rbs, order = self.refcount_block_size, self.refcount_order
         ci = start
         freed: list[tuple[int, int]] = []
         if decrease:
@@ -267,7 +267,7 @@ class RefcountMixin:
                       new_refblock_index: int, new_refblock_offset: int) -> int:
         """qcow2_refcount_area(): new refcount table + blocks covering themselves at
         start_offset; returns the end offset of the area."""
-        cs, cb = self.cluster_size, self.cluster_bits
+        cs = self.cluster_size
         rbs = self.refcount_block_size
         order = self.refcount_order
         _, total_refblock_count = refcount_metadata_size(

@@ -18,7 +18,6 @@ after open gives the image a new CID, as QEMU does.
 from __future__ import annotations
 
 import errno
-import os
 import random
 import struct
 import zlib
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ....errors import BlockError, InvalidArgument, InvalidImage, IOFailure, NotSupported
 from ....graph.child import ChildRole
+from ...base import CreateOpt
 from ...base import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO, BlockDriver,
                      DriverInfo, DriverKind, Status)
 from . import layout as L
@@ -37,14 +37,6 @@ VMDK_EXTENT_MAX_SECTORS = 1 << 32
 L2_CACHE_SIZE = 16
 SUPPORTED_DESC_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse",
                         "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
-
-
-@dataclass(frozen=True)
-class CreateOpt:
-    name: str
-    type: str = "str"
-    help: str = ""
-    default: str | None = None
 
 
 # vmdk_create_opts in QEMU 7.2's order
