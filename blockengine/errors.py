@@ -3,6 +3,7 @@
 Drivers and the graph raise these; only the QMP and CLI boundaries translate them
 into QMP error classes, one-line messages and exit codes.
 """
+import copy
 import errno as _errno
 
 
@@ -69,6 +70,13 @@ class DeviceNotActive(BlockError):
 
 class JobError(BlockError):
     """A block job could not be started or controlled."""
+
+
+def prefixed(exc: BlockError, prefix: str) -> BlockError:
+    """The same error (class, errno, hint) with context in front of its message."""
+    new = copy.copy(exc)
+    new.args = (prefix + str(exc),)
+    return new
 
 
 def io_failure(exc: OSError, what: str = "") -> IOFailure:

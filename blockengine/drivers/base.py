@@ -143,6 +143,21 @@ class BlockDriver:
             return Status(BLOCK_DATA | BLOCK_ALLOCATED, length)
         return Status(BLOCK_RAW | BLOCK_OFFSET_VALID, length, offset, child.node)
 
+    def block_status_runs(self, offset: int, length: int, want_zero: bool) -> list[Status]:
+        """Bulk block_status: statuses of consecutive extents from ``offset`` (at least
+        one, together at most ``length`` bytes).  Each must equal what ``block_status``
+        would answer at its start for the rest of the range, so callers may consume any
+        prefix.  Drivers that can answer many extents cheaply (qcow2: one L2 slice)
+        override this; the default asks once."""
+        return [self.block_status(offset, length, want_zero)]
+
+    def child_replaced(self, old, new) -> None:
+        """One of our edges now leads to ``new`` instead of ``old`` (graph.replace_node):
+        drivers keep child nodes in attributes for speed, so follow the edge."""
+        for name, value in list(vars(self).items()):
+            if value is old:
+                setattr(self, name, new)
+
     # ---- permissions --------------------------------------------------------------
     def child_perm(self, child, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         """Permissions to take/share on ``child`` given the node's cumulative parent use."""

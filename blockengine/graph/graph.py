@@ -13,7 +13,7 @@ import os
 import threading
 
 from ..io.throttle import ThrottleGroups
-from ..errors import BlockError, InvalidArgument, PermissionConflict
+from ..errors import BlockError, InvalidArgument, PermissionConflict, prefixed
 from .child import BdrvChild, ChildRole
 from .node import BlockNode, validate_node_name
 from .perms import Perm, perm_names
@@ -130,7 +130,7 @@ class Graph:
                                          inherit={"force-share": inherit.get("force-share",
                                                                              False)})
             except BlockError as e:
-                raise type(e)("Could not open backing file: %s" % e, errno=e.errno) from e
+                raise prefixed(e, "Could not open backing file: ") from e
             backing.monitor_owned = False
         else:
             backing = self.resolve_ref(ref, {"read-only": True,
@@ -304,6 +304,9 @@ class Graph:
                     old.parents.insert(0, c)
                 self.refresh_perms([old])
                 raise
+            for c in moved:
+                if isinstance(c.parent, BlockNode):
+                    c.parent.drv.child_replaced(old, new)
             for blk in self.backends.values():
                 blk.on_root_replaced()
 

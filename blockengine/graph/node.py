@@ -83,9 +83,9 @@ class BlockNode:
         return self.drv.info.kind is DriverKind.FILTER
 
     def check_op_blockers(self) -> None:
-        """bdrv_op_is_blocked(): refuse with the first blocker's reason, QEMU's wording."""
+        """bdrv_op_is_blocked(): refuse with the newest blocker's reason, QEMU's wording."""
         if self.op_blockers:
-            raise BlockError("Node '%s' is busy: %s" % (self.node_name, self.op_blockers[0]))
+            raise BlockError("Node '%s' is busy: %s" % (self.node_name, self.op_blockers[-1]))
 
     def parent_desc(self) -> str:
         return "node '%s'" % self.node_name
@@ -329,11 +329,57 @@ class BlockNode:
             return Status(0, 0)
         with self.lock:
             st = self.drv.block_status(offset, length, want_zero)
+        return self._finish_status(st, offset, length, size, want_zero)[0]
+
+    def block_status_runs(self, offset: int, length: int,
+                          want_zero: bool = True) -> list[Status]:
+        """Bulk block_status(): statuses of consecutive extents from ``offset``.
+
+        The result is never empty, its first element is what ``block_status`` answers
+        and each further one what ``block_status`` would answer at its start (asked for
+        the rest of the range); together they cover at most ``length`` bytes.
+        """
+        size = self.total_size
+        check_request(offset, length)
+        if offset >= size:
+            return [Status(BLOCK_EOF, 0)]
+        length = min(length, size - offset)
+        if length == 0:
+            return [Status(0, 0)]
+        with self.lock:
+            runs = self.drv.block_status_runs(offset, length, want_zero)
+        out = []
+        finish = self._finish_status
+        for st in runs:
+            try:
+                res, whole = finish(st, offset, length, size, want_zero)
+            except BlockError:
+                if out:     # asked at this run, the error comes again
+                    break
+                raise
+            out.append(res)
+            n = res.length
+            offset += n
+            length -= n
+            # a status shortened by post-processing (recursion into the file) ends the
+            # batch: the driver's next run would not start where this one ends
+            if not whole or length <= 0:
+                break
+        return out
+
+    def _finish_status(self, st: Status, offset: int, length: int, size: int,
+                       want_zero: bool) -> tuple[Status, bool]:
+        """The generic part of bdrv_co_block_status() for the driver's answer ``st`` at
+        ``offset`` (0 < length <= size - offset): RAW recursion, ALLOCATED, zero beyond
+        backing, RECURSE into the file, EOF.  Returns (status, whether it covers the
+        driver's whole answer)."""
         flags, n = st.flags, max(1, min(st.length, length))
+        whole = n == st.length
         host_offset, host_node = st.host_offset, st.host_node
         if flags & BLOCK_RAW:
             inner = host_node.block_status(host_offset, n, want_zero)
-            return inner._replace(length=min(inner.length, n) or n)
+            res = inner._replace(length=min(inner.length, n) or n)
+            return res, whole and res.length == n
         if flags & (BLOCK_DATA | BLOCK_ZERO):
             flags |= BLOCK_ALLOCATED
         elif self.drv.info.supports_backing:
@@ -349,11 +395,13 @@ class BlockNode:
             if inner.flags & BLOCK_EOF and (not inner.length or inner.flags & BLOCK_ZERO):
                 flags |= BLOCK_ZERO
             elif inner.length:
-                n = min(n, inner.length)
+                if inner.length < n:
+                    n = inner.length
+                    whole = False
                 flags |= inner.flags & BLOCK_ZERO
         if offset + n >= size:
             flags |= BLOCK_EOF
-        return Status(flags & ~BLOCK_RECURSE, n, host_offset, host_node)
+        return Status(flags & ~BLOCK_RECURSE, n, host_offset, host_node), whole
 
     def block_status_above(self, offset: int, length: int, base=None,
                            want_zero: bool = True) -> Status:
@@ -382,6 +430,38 @@ class BlockNode:
         if eof is not None and offset + st.length == eof:
             st = st._replace(flags=st.flags | BLOCK_EOF)
         return st
+
+    def block_status_above_runs(self, offset: int, length: int, base=None,
+                                want_zero: bool = True) -> list[Status]:
+        """Bulk block_status_above(): like block_status_runs, each element what
+        ``block_status_above`` answers at its start for the rest of the range.
+
+        Runs allocated here come from one bulk query; an unallocated one is resolved
+        through the chain by ``block_status_above`` itself (and ends the batch when the
+        lower layers answer for less of it).  An error resolving a run other than the
+        first ends the batch instead: asked at that run, the error comes again.
+        """
+        runs = self.block_status_runs(offset, length, want_zero)
+        if self is base:
+            return runs
+        out: list[Status] = []
+        for st in runs:
+            n = st.length
+            if n and not st.flags & BLOCK_ALLOCATED:
+                try:
+                    st = self.block_status_above(offset, length, base, want_zero)
+                except BlockError:
+                    if out:
+                        break
+                    raise
+                out.append(st)
+                if st.length != n:
+                    break
+            else:
+                out.append(st)
+            offset += n
+            length -= n
+        return out
 
     def is_allocated_above(self, offset: int, length: int, base=None) -> tuple[bool, int]:
         """Whether [offset, offset+n) is allocated in this chain above ``base``."""

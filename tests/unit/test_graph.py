@@ -192,3 +192,22 @@ def test_force_share_needs_read_only(graph):
     with pytest.raises(InvalidArgument,
                        match="force-share=on can only be used with read-only images"):
         graph.open_node({"driver": "null-co", "force-share": True})
+
+
+def test_replace_node_retargets_parent_drivers(graph, tmp_path):
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    a.write_bytes(b"A" * 4096)
+    b.write_bytes(b"B" * 4096)
+    fa = graph.open_node({"driver": "file", "node-name": "fa", "filename": str(a)})
+    fb = graph.open_node({"driver": "file", "node-name": "fb", "filename": str(b)})
+    top = graph.open_node({"driver": "raw", "node-name": "top", "file": "fa"})
+    assert top.pread(0, 1) == b"A"
+    graph.replace_node(fa, fb)
+    assert top.file_child_node() is fb and top.pread(0, 1) == b"B"
+
+
+def test_backing_open_error_keeps_its_class(graph, tmp_path):
+    from blockengine.errors import prefixed, LockError
+    e = prefixed(LockError('Failed to get "write" lock', "hint"), "Could not open backing file: ")
+    assert isinstance(e, LockError) and e.hint == "hint"
+    assert str(e) == 'Could not open backing file: Failed to get "write" lock'

@@ -117,6 +117,11 @@ class Qcow2Cache:
         # qcow2_pre_write_overlap_check() for this cache's tables: overlap(offset, size)
         self.overlap = None
 
+    def child_replaced(self, old, new) -> None:
+        """The image's file edge was moved to another node (graph.replace_node)."""
+        if self.file is old:
+            self.file = new
+
     # ---- lookup ----------------------------------------------------------------------
     def get(self, offset: int) -> bytearray:
         """qcow2_cache_get(): the table at offset, read from disk on a miss."""
