@@ -188,6 +188,12 @@ class BlockDirtyBitmap:
         with self.lock:
             _native.bitmap_deserialize(self.buf, 0, self.nbits, data)
 
+    def deserialize_part(self, first_bit: int, nbits: int, data) -> None:
+        """Bits [first_bit, first_bit + nbits) from qcow2's on-disk order (loading a
+        persistent bitmap one bitmap cluster at a time)."""
+        with self.lock:
+            _native.bitmap_deserialize(self.buf, first_bit, nbits, data)
+
     # ---- successors (bdrv_dirty_bitmap_create_successor & co) ------------------------
     def create_successor(self) -> "BlockDirtyBitmap":
         if self.in_use():

@@ -156,14 +156,18 @@ class Session:
     def open(self, filename: str, fmt: str | None = None, *, image_opts: bool = False,
              writable: bool = False, force_share: bool = False, backing: bool = True,
              cache: str = DEFAULT_CACHE, exclusive: bool = False, source_cache: bool = True,
-             no_io: bool = False, check: bool = False) -> Image:
+             no_io: bool = False, check: bool = False,
+             options: dict | None = None) -> Image:
         """img_open(): open one image or print QEMU's message and raise Exit(1).
 
         ``exclusive`` unshares writes (BDRV_O_NO_SHARE, only convert sources use it);
         ``no_io`` takes no permission at all (BDRV_O_NO_IO, as `info` opens);
-        ``check`` opens for `check` (BDRV_O_CHECK: the format's ``x-check`` option).
+        ``check`` opens for `check` (BDRV_O_CHECK: the format's ``x-check`` option);
+        ``options`` are more format options (e.g. convert's key secrets).
         """
-        extra = {"x-check": True} if check else None
+        extra = dict(options or {})
+        if check:
+            extra["x-check"] = True
         shared = NO_SHARE if exclusive else None
         direct, no_flush = parse_cache(cache, source_cache)
         graph = Graph()

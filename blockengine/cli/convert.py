@@ -24,7 +24,7 @@ import os
 from .. import _native
 from ..drivers.base import BLOCK_DATA, BLOCK_ZERO
 from ..errors import BlockError
-from .imageinfo import cluster_size
+from .imageinfo import StatusCursor, cluster_size
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
@@ -52,20 +52,8 @@ class CopyError(Exception):
 
 
 def has_zero_init(node) -> bool:
-    """bdrv_has_zero_init(): does a new image on this node read as zeroes?
-
-    Drivers may answer with ``has_zero_init()``; otherwise regular files do, and
-    formats that store data 1:1 in their file child ask it.
-    """
-    answer = getattr(node.drv, "has_zero_init", None)
-    if answer is not None:
-        return bool(answer())
-    if node.driver_name == "file":
-        return not node.drv.is_block_device
-    child = node.file_child_node()
-    if node.driver_name == "raw" and child is not None:
-        return has_zero_init(child)
-    return False
+    """bdrv_has_zero_init(): does a new image on this node read as zeroes?"""
+    return node.drv.has_zero_init()
 
 
 class _ZeroMap:
@@ -148,6 +136,8 @@ class Converter:
         self.alignment = alignment
         self._next_status = 0
         self._status = BLK_DATA
+        self._cursors = [StatusCursor(s.node, above=not target_has_backing)
+                         for s in self.sources]
         self._src_cur = 0
         self._src_cur_offset = 0
 
@@ -166,15 +156,11 @@ class Converter:
         self._select_part(sector_num)
         n = min(self.total_sectors - sector_num, MAX_REQUEST_SECTORS)
         if self._next_status <= sector_num:
-            src = self.sources[self._src_cur]
             offset = (sector_num - self._src_cur_offset) * SECTOR
             count = min(n * SECTOR, self.src_sizes[self._src_cur] - offset)
-            node = src.node
             try:
-                if self.target_has_backing:
-                    st = node.block_status(offset, count, True)
-                else:
-                    st = node.block_status_above(offset, count, None, True)
+                # block_status() if target_has_backing, else block_status_above()
+                st = self._cursors[self._src_cur].status(offset, count)
             except BlockError as e:
                 raise CopyError("reading block status", offset, e) from e
             n = div_round_up(st.length, SECTOR)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO)
-from ..errors import NotSupported
+from ..errors import BlockError, NotSupported
 
 FIX_LEAKS, FIX_ERRORS = 1, 2
 # ImageCheck members in QAPI order, and the driver result key each comes from
@@ -84,6 +84,112 @@ def block_status_entry(node, offset: int, length: int) -> MapEntry:
                     st.host_offset if has_offset else None, filename)
 
 
+def block_status_entries(node, offset: int, length: int) -> list[MapEntry]:
+    """Bulk block_status_entry(): entries for consecutive extents from offset.
+
+    The first is ``block_status_entry(node, offset, length)`` and each further one what
+    ``block_status_entry`` answers at its start for the rest of the range (it is built
+    from the nodes' block_status_runs and, for a range unallocated on top, from a bulk
+    walk of the backing file over just that range).
+    """
+    out: list[MapEntry] = []
+    try:
+        _entries(node, offset, length, 0, out, {})
+    except BlockError:
+        if not out:
+            raise
+        # the entries before the failing lookup are complete; asked at its start,
+        # the error comes again (after the entries before it were output)
+    return out
+
+
+class StatusCursor:
+    """block_status_above() (or block_status() with ``above=False``) of one node for a
+    caller walking forward, served from bulk queries: an answer at the end of the
+    previous one, for a range with the same end, is the next run of the last batch.
+
+    A caller that mostly asks inside runs (compare of differently laid out images)
+    would waste most of each batch, so then the cursor asks one status at a time until
+    the caller walks run by run again."""
+
+    SEQUENTIAL_TO_BULK = 8
+
+    def __init__(self, node, above: bool = True):
+        self.node = node
+        self.above = above
+        self._runs: list = []
+        self._i = 0
+        self._pos = self._end = -1
+        self._bulk = True
+        self._seq = 0
+
+    def status(self, offset: int, length: int):
+        end = offset + length
+        seq = offset == self._pos and end == self._end
+        if seq and self._i < len(self._runs):
+            st = self._runs[self._i]
+        else:
+            node = self.node
+            if self._bulk:
+                if not seq and self._i * 2 < len(self._runs):
+                    self._bulk, self._seq = False, 0    # most of the batch was wasted
+            elif not seq:
+                self._seq = 0
+            else:
+                self._seq += 1
+                if self._seq >= self.SEQUENTIAL_TO_BULK:
+                    self._bulk = True
+            if self._bulk:
+                if self.above:
+                    self._runs = node.block_status_above_runs(offset, length, None, True)
+                else:
+                    self._runs = node.block_status_runs(offset, length, True)
+            elif self.above:
+                self._runs = [node.block_status_above(offset, length, None, True)]
+            else:
+                self._runs = [node.block_status(offset, length, True)]
+            self._i, self._end = 0, end
+            st = self._runs[0]
+        self._i += 1
+        self._pos = offset + st.length if st.length else -1
+        return st
+
+
+def _entries(node, offset: int, length: int, depth: int, out: list, names: dict) -> int:
+    """Append entries from offset at ``depth`` of the chain; returns the bytes covered."""
+    node = node.skip_filters()
+    done = 0
+    for st in node.block_status_runs(offset, length, True):
+        n = st.length
+        flags = st.flags
+        if not flags & (BLOCK_ZERO | BLOCK_DATA):
+            cow = node.cow_child()
+            if cow is not None:
+                got = _entries(cow.node, offset, n, depth + 1, out, names)
+                done += got
+                if got != n or not got:
+                    return done     # the lower layer's answer was shorter: ask again
+                offset += n
+                continue
+            flags = 0
+        filename = None
+        if flags & BLOCK_OFFSET_VALID:
+            host_offset, hn = st.host_offset, st.host_node
+            if hn is not None:
+                filename = names.get(id(hn))
+                if filename is None:
+                    filename = names[id(hn)] = hn.filename()
+        else:
+            host_offset = None
+        out.append(MapEntry(offset, n, bool(flags & BLOCK_DATA), bool(flags & BLOCK_ZERO),
+                            depth, bool(flags & BLOCK_ALLOCATED), host_offset, filename))
+        done += n
+        offset += n
+        if not n:
+            break
+    return done
+
+
 def map_entries(node, start: int, end: int, human: bool = False):
     """Merged MapEntry runs covering [start, end), grouped exactly as img_map() does.
 
@@ -92,9 +198,23 @@ def map_entries(node, start: int, end: int, human: bool = False):
     so runs following a printed entry are normalised to 'zero' before merging.
     """
     curr = MapEntry(start, 0, False, False, 0, False, None, None)
+    batch: list[MapEntry] = []
+    i = 0
     while curr.start + curr.length < end:
-        offset = curr.start + curr.length
-        nxt = block_status_entry(node, offset, min(end - offset, 1 << 30))
+        if i == len(batch):
+            offset = curr.start + curr.length
+            asked = min(end - offset, 1 << 30)
+            batch = block_status_entries(node, offset, asked)
+            i = 0
+            # the last extent may have been cut by the length asked, where a lookup at
+            # its own start would ask for more: look it up again then
+            if (len(batch) > 1 and offset + asked < end
+                    and batch[-1].start + batch[-1].length == offset + asked):
+                batch.pop()
+            if not batch:
+                batch = [block_status_entry(node, offset, asked)]
+        nxt = batch[i]
+        i += 1
         if curr.mergeable(nxt):
             curr.length += nxt.length
             continue

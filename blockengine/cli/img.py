@@ -11,23 +11,24 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import QEMU_VERSION, __version__, _native
+from .. import QEMU_VERSION, __version__
 from ..drivers.base import BLOCK_ALLOCATED, BLOCK_ZERO, PreallocMode
 from ..errors import BlockError, NotSupported
 from ..graph import registry
 from . import report
 from .common import DEFAULT_CACHE, Session, parse_cache
-from .convert import MAX_BUF_SECTORS, SECTOR, Converter, CopyError, has_zero_init
 from .create import create_options, find_format, img_create, option_help
 from .getopt import NO_ARG, REQUIRED_ARG, GetOpt, LongOpt
 from ..info import image_info
-from .imageinfo import CHECK_FIELDS, FIX_ERRORS, FIX_LEAKS, image_check, map_entries
+from .imageinfo import (CHECK_FIELDS, FIX_ERRORS, FIX_LEAKS, StatusCursor, image_check,
+                        map_entries)
 from .opts import (OPT_SIZE, OptDesc, OptionError, OptsSet, cvtnum, has_help_option,
                    is_valid_option_list, parse_int)
 from .output import (MAP_HUMAN_HEADER, Progress, image_check_human, image_info_human,
                      map_entry_human, map_entry_json, to_json)
 
 IO_BUF_SIZE = 2 << 20
+SECTOR = 512          # BDRV_SECTOR_SIZE (convert.SECTOR; convert loads on first use)
 UNSUPPORTED = ("amend", "bench", "bitmap", "commit", "dd", "measure", "snapshot", "rebase")
 
 
@@ -175,16 +176,30 @@ def cmd_map(argv: list[str]) -> int:
             length = min(start + max_length, length)
         out = sys.stdout
         out.write(MAP_HUMAN_HEADER if ofmt == "human" else "[")
+        # entries go out in chunks (stdout may be unbuffered: one write per entry would
+        # cost more than computing it); whatever was produced is written on any exit
+        parts: list[str] = []
+        put = parts.append
         try:
-            for entry, nxt in map_entries(img.node, start, length, human=ofmt == "human"):
-                if ofmt == "json":
-                    out.write(map_entry_json(entry, nxt is None))
-                    continue
-                if entry.data and entry.offset is None:
-                    raise report.fail("File contains external, encrypted or compressed "
-                                      "clusters.")
-                if entry.data and not entry.zero:
-                    out.write(map_entry_human(entry))
+            try:
+                for entry, nxt in map_entries(img.node, start, length,
+                                              human=ofmt == "human"):
+                    if len(parts) >= 4096:
+                        out.write("".join(parts))
+                        parts.clear()
+                    if ofmt == "json":
+                        put(map_entry_json(entry, nxt is None))
+                        continue
+                    if entry.data and entry.offset is None:
+                        out.write("".join(parts))
+                        parts.clear()
+                        raise report.fail("File contains external, encrypted or compressed "
+                                          "clusters.")
+                    if entry.data and not entry.zero:
+                        put(map_entry_human(entry))
+            finally:
+                if parts:
+                    out.write("".join(parts))
         except BlockError as e:
             raise report.fail("Could not read file metadata: %s" % _strerror(e))
         if ofmt == "json":
@@ -331,13 +346,15 @@ def _print_option_help(filename: str | None, fmt: str) -> int:
 
 # ---- convert ---------------------------------------------------------------------------------
 def cmd_convert(argv: list[str]) -> int:
+    # the copy loop (and the native helpers it needs) load only for convert
+    from .convert import MAX_BUF_SECTORS, Converter, CopyError, has_zero_init
     session = Session()
     fmt = out_fmt = options = out_baseimg = backing_fmt = snapshot = None
     cache, src_cache = "unsafe", DEFAULT_CACHE
     min_sparse, explicit_sparse = 8 * SECTOR, False
     compressed = skip_create = progress = quiet = force_share = False
     image_opts = tgt_image_opts = target_is_zero = copy_range = bitmaps = False
-    opts, operands = parse_args(argv, ":hf:O:B:Cco:l:S:pt:T:qnm:WUr:", [
+    opts, operands = parse_args(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", [
         HELP, OBJECT, IMAGE_OPTS, ("salvage", NO_ARG, "salvage"),
         ("target-is-zero", NO_ARG, "target-is-zero"),
         ("target-image-opts", NO_ARG, "target-image-opts"), FORCE_SHARE,
@@ -434,20 +451,25 @@ def cmd_convert(argv: list[str]) -> int:
                               "does not support temporarily loading internal snapshots"
                               % images[0].node.driver_name)
         total = sum(-(-img.size // SECTOR) for img in images) * SECTOR
+        key_secrets = {}
         if not skip_create:
-            _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt,
-                            total, compressed, bitmaps, images, session.secrets)
+            key_secrets, out_baseimg = _convert_create(
+                out_filename, out_fmt, options, out_baseimg, backing_fmt, total, compressed,
+                bitmaps, images, session.secrets)
         elif compressed:
             _check_compress(out_fmt)
         parse_cache(cache)
         target = session.open(out_filename, out_fmt, image_opts=tgt_image_opts,
-                               writable=True, cache=cache, source_cache=False)
+                               writable=True, cache=cache, source_cache=False,
+                               options=key_secrets)
         if skip_create and target.size < total:
             raise report.fail("output file is smaller than input file")
+        target_has_backing = out_baseimg is not None
         zero_init = target_is_zero or (not skip_create and bool(min_sparse)
+                                       and not target_has_backing
                                        and has_zero_init(target.node))
         job = Converter(images, target, min_sparse=min_sparse, has_zero_init=zero_init,
-                        progress=bar)
+                        target_has_backing=target_has_backing, progress=bar)
         try:
             job.run()
         except CopyError as e:
@@ -467,8 +489,13 @@ def _check_compress(out_fmt: str) -> None:
 
 
 def _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt, total,
-                    compressed, bitmaps, images, secrets=None) -> None:
-    """The create half of img_convert, with its checks in QEMU's order."""
+                    compressed, bitmaps, images, secrets=None) -> tuple[dict, str | None]:
+    """The create half of img_convert, with its checks in QEMU's order.
+
+    Returns the ``*key-secret`` create options as open options for the new target
+    (img_add_key_secrets(), so an encrypted target can be opened to write into), and
+    the target's backing file (-B or -o backing_file).
+    """
     try:
         opts = OptsSet(create_options(out_fmt, out_filename))
         if options:
@@ -503,6 +530,15 @@ def _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt, to
     except BlockError as e:
         raise report.fail("%s: error while converting %s: %s" % (out_filename, out_fmt, e),
                           hint=e.hint)
+    key_secrets: dict = {}
+    for name, (value, _) in opts.values.items():
+        if name.endswith("key-secret"):
+            *parents, leaf = name.split(".")
+            level = key_secrets
+            for part in parents:
+                level = level.setdefault(part, {})
+            level[leaf] = value
+    return key_secrets, opts.get("backing_file") or out_baseimg
 
 
 # ---- compare ---------------------------------------------------------------------------------
@@ -566,9 +602,10 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
         report.qprint(quiet, "Strict mode: Image size mismatch!\n")
         return 1
     offset = 0
+    cur1, cur2 = StatusCursor(img1.node), StatusCursor(img2.node)
     while offset < total:
-        st1 = _status(img1, offset, size1 - offset, name1)
-        st2 = _status(img2, offset, size2 - offset, name2)
+        st1 = _status(cur1, offset, size1 - offset, name1)
+        st2 = _status(cur2, offset, size2 - offset, name2)
         alloc1, alloc2 = st1.flags & BLOCK_ALLOCATED, st2.flags & BLOCK_ALLOCATED
         chunk = min(st1.length, st2.length)
         if strict and st1.flags != st2.flags:
@@ -594,9 +631,10 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
         bar.print(chunk / base * 100, 100)
     if size1 != size2:
         report.qprint(quiet, "Warning: Image size mismatch!\n")
-        over, name = (img1, name1) if size1 > size2 else (img2, name2)
+        over, name, cur = ((img1, name1, cur1) if size1 > size2
+                           else (img2, name2, cur2))
         while offset < base:
-            st = _status(over, offset, base - offset, name)
+            st = _status(cur, offset, base - offset, name)
             chunk = st.length
             if st.flags & BLOCK_ALLOCATED and not st.flags & BLOCK_ZERO:
                 chunk = min(chunk, IO_BUF_SIZE)
@@ -608,9 +646,10 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
     return 0
 
 
-def _status(img, offset, length, name):
+def _status(cursor, offset, length, name):
+    """block_status_above() of the cursor's node."""
     try:
-        return img.node.block_status_above(offset, length, None, True)
+        return cursor.status(offset, length)
     except BlockError:
         raise report.fail("Sector allocation test failed for %s" % name, 3)
 
@@ -633,6 +672,7 @@ def _same_prefix(a: bytes, b: bytes) -> int:
 
 def _check_empty(img, offset, length, name, quiet) -> bool:
     """check_empty_sectors(): report the first non-zero sector, if any."""
+    from .. import _native
     buf = _read(img, offset, length, name)
     if _native.buffer_is_zero(buf, 0, len(buf)):
         return False

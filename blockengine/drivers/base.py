@@ -158,6 +158,10 @@ class BlockDriver:
             if value is old:
                 setattr(self, name, new)
 
+    def has_zero_init(self) -> bool:
+        """bdrv_has_zero_init(): does a newly created image read as all zeroes?"""
+        return False
+
     # ---- permissions --------------------------------------------------------------
     def child_perm(self, child, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         """Permissions to take/share on ``child`` given the node's cumulative parent use."""

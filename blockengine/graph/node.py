@@ -410,7 +410,11 @@ class BlockNode:
         Unallocated ranges are resolved in lower layers; a range beyond the end of a
         shorter backing file reads as allocated zeroes.
         """
-        st = self.block_status(offset, length, want_zero)
+        return self._status_above(self.block_status(offset, length, want_zero), offset,
+                                  base, want_zero)
+
+    def _status_above(self, st: Status, offset: int, base, want_zero: bool) -> Status:
+        """block_status_above() given this node's own status ``st`` at offset."""
         if st.length == 0 or st.flags & BLOCK_ALLOCATED or self is base:
             return st
         eof = offset + st.length if st.flags & BLOCK_EOF else None
@@ -436,8 +440,8 @@ class BlockNode:
         """Bulk block_status_above(): like block_status_runs, each element what
         ``block_status_above`` answers at its start for the rest of the range.
 
-        Runs allocated here come from one bulk query; an unallocated one is resolved
-        through the chain by ``block_status_above`` itself (and ends the batch when the
+        The runs come from one bulk query of this node; an unallocated one is resolved
+        through the chain as ``block_status_above`` does (and ends the batch when the
         lower layers answer for less of it).  An error resolving a run other than the
         first ends the batch instead: asked at that run, the error comes again.
         """
@@ -445,22 +449,19 @@ class BlockNode:
         if self is base:
             return runs
         out: list[Status] = []
+        above = self._status_above
         for st in runs:
             n = st.length
-            if n and not st.flags & BLOCK_ALLOCATED:
-                try:
-                    st = self.block_status_above(offset, length, base, want_zero)
-                except BlockError:
-                    if out:
-                        break
-                    raise
-                out.append(st)
-                if st.length != n:
+            try:
+                st = above(st, offset, base, want_zero)
+            except BlockError:
+                if out:
                     break
-            else:
-                out.append(st)
+                raise
+            out.append(st)
+            if st.length != n:
+                break
             offset += n
-            length -= n
         return out
 
     def is_allocated_above(self, offset: int, length: int, base=None) -> tuple[bool, int]:

@@ -724,3 +724,18 @@ def test_state_machine(tmp_path):
     run_state_machine_as_test(Qcow2Machine, settings=settings(
         max_examples=60, stateful_step_count=25, deadline=None,
         suppress_health_check=list(HealthCheck)))
+
+
+@pytest.mark.parametrize("extra", [[], ["-B", "base.qcow2", "-F", "qcow2"]],
+                         ids=["flatten", "backing"])
+def test_convert_chain_byte_identical(tmp_path, be_img, extra):
+    """convert of an overlay: flattened, or (-B) only its own clusters over the same base."""
+    os.chdir(tmp_path)
+    qimg("create", "-f", "qcow2", "base.qcow2", "4M")
+    qio("base.qcow2", "write -P 1 0 1M")
+    qimg("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    qio("top.qcow2", "write -P 2 512k 1M", "write -z 3M 64k")
+    qimg("convert", "-O", "qcow2", *extra, "top.qcow2", "ref.qcow2")
+    r = be_img("convert", "-O", "qcow2", *extra, "top.qcow2", "ours.qcow2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()

@@ -89,6 +89,9 @@ class RawDriver(BlockDriver):
     def get_info(self) -> dict:
         return {}
 
+    def has_zero_init(self) -> bool:
+        return self.file.drv.has_zero_init()
+
     def allocated_file_size(self):
         return self.file.drv.allocated_file_size()
 

@@ -9,7 +9,6 @@ conflict exactly when two QEMUs would.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -33,11 +32,17 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 MAX_BLOCKSIZE = 4096
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_libc = None
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with mode flags (os.posix_fallocate has none); libc loaded on first use."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)     # the running process's libc
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                   ctypes.c_longlong]
+        _libc = libc
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -126,6 +131,9 @@ class FileDriver(BlockDriver):
 
     def get_info(self) -> dict:
         return {}
+
+    def has_zero_init(self) -> bool:
+        return not self.is_block_device
 
     def allocated_file_size(self) -> int:
         return os.fstat(self.fd).st_blocks * 512

@@ -434,6 +434,8 @@ class Checker:
             self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
         self.inc(res, imrt, s.snapshots_offset, s.snapshots_size)
         self.inc(res, imrt, s.refcount_table_offset, s.refcount_table_size * REFTABLE_ENTRY_SIZE)
+        if s.crypto_header[1]:
+            self.inc(res, imrt, s.crypto_header[0], s.crypto_header[1])
         self.check_bitmaps(res, imrt)
         self.check_refblocks(res, imrt, fix)
 

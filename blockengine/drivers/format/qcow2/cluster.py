@@ -143,12 +143,15 @@ class ClusterMixin:
                                    % (l2_offset, l1_index))
         return l2_offset
 
-    def get_host_runs(self, offset: int, length: int, max_runs: int | None = None
-                      ) -> list[tuple[int, int, int]]:
+    def get_host_runs(self, offset: int, length: int, max_runs: int | None = None,
+                      stop_at_error: bool = False) -> list[tuple[int, int, int]]:
         """Runs (bytes, subcluster type, host offset | L2 entry if compressed) from offset,
         covering at most length bytes and never crossing an L2 slice (as
         qcow2_get_host_offset() but for every run of the slice).  With ``max_runs``
-        only the first runs (block status asks for one: map calls it per extent)."""
+        only the first runs.  With ``stop_at_error`` (bulk block status) a corrupt
+        entry ends the list before the run whose own lookup would signal it, so every
+        run returned is what a lookup at its start returns; corruption is signalled
+        only when that is the first run."""
         cb, cs = self.cluster_bits, self.cluster_size
         in_cluster = offset & (cs - 1)
         l1_index, slice_no, idx = self._l2_location(offset)
@@ -168,12 +171,17 @@ class ClusterMixin:
                 nbytes = min((n << cb) - skip, left)
                 if t == CL_NORMAL or t == CL_ZERO_ALLOC:
                     if bad or self.has_data_file:
+                        if stop_at_error and out and self._host_cluster_bad(
+                                host, offset + length - left - skip):
+                            return out
                         self._check_host_cluster(l2_offset, first, host,
                                                  offset + length - left - skip)
                     out.append((nbytes, SC_NORMAL if t == CL_NORMAL else SC_ZERO_ALLOC,
                                 host + skip))
                 elif t == CL_COMPRESSED:
                     if self.has_data_file:
+                        if stop_at_error and out:
+                            return out
                         self.signal_corruption(
                             True, "Compressed cluster entry found in image with external "
                             "data file (L2 offset: %#x, L2 index: %#x)" % (l2_offset, first))
@@ -185,7 +193,12 @@ class ClusterMixin:
                 skip = 0
             return out
         return self._get_host_runs_extended(table, l2_offset, offset, idx, in_cluster,
-                                            length, max_runs)
+                                            length, max_runs, stop_at_error)
+
+    def _host_cluster_bad(self, host: int, guest: int) -> bool:
+        """Whether _check_host_cluster() would signal corruption."""
+        cs = self.cluster_size
+        return bool(host & (cs - 1)) or (self.has_data_file and host != guest & ~(cs - 1))
 
     def _check_host_cluster(self, l2_offset: int, index: int, host: int, guest: int) -> None:
         if host & (self.cluster_size - 1):
@@ -198,7 +211,10 @@ class ClusterMixin:
                                    % (host, guest_cluster, index))
 
     def _get_host_runs_extended(self, table, l2_offset, offset, idx, in_cluster, length,
-                                max_runs=None):
+                                max_runs=None, stop_at_error=False):
+        # with stop_at_error, a lookup that would signal corruption returns the runs
+        # before the last one found (that one could still grow, so its own lookup
+        # would reach the corrupt entry too)
         cs = self.cluster_size
         scb = self.subcluster_bits
         out: list[list[int]] = []
@@ -211,6 +227,8 @@ class ClusterMixin:
             cluster_guest = offset + pos - start_in
             if t == CL_COMPRESSED:
                 if self.has_data_file:
+                    if stop_at_error and len(out) > 1:
+                        return [tuple(r) for r in out[:-1]]
                     self.signal_corruption(
                         True, "Compressed cluster entry found in image with external data "
                         "file (L2 offset: %#x, L2 index: %#x)" % (l2_offset, i))
@@ -221,11 +239,16 @@ class ClusterMixin:
                 continue
             host = e & L2E_OFFSET_MASK
             if t == CL_NORMAL:
+                if (stop_at_error and len(out) > 1
+                        and self._host_cluster_bad(host, cluster_guest)):
+                    return [tuple(r) for r in out[:-1]]
                 self._check_host_cluster(l2_offset, i, host, cluster_guest)
             sc = start_in >> scb
             while sc < 32 and pos < length:
                 st = self.subcluster_type(e, bitmap, sc)
                 if st == SC_INVALID:
+                    if stop_at_error and len(out) > 1:
+                        return [tuple(r) for r in out[:-1]]
                     self.signal_corruption(True, "Invalid cluster entry found (L2 offset: %#x, "
                                            "L2 index: %#x)" % (l2_offset, i))
                 kind, cnt = N.subcluster_runs(bitmap, sc)
@@ -530,10 +553,16 @@ class ClusterMixin:
     def perform_cow_and_write(self, guest: int, host: int, data, meta: L2Meta | None) -> None:
         """perform_cow() merged with the guest data write (qcow2_co_pwritev_task)."""
         dfile = self.data_file
+        crypto = getattr(self, "crypto", None)
+        if crypto is not None:
+            # qcow2_co_encrypt(): LUKS payload sectors are numbered by host offset
+            enc = lambda off, buf: crypto.encrypt(off >> 9, buf) if len(buf) else buf
+        else:
+            enc = lambda off, buf: buf
         if meta is None or (meta.cow_start.nb_bytes == 0 and meta.cow_end.nb_bytes == 0):
             if data is not None and len(data):
                 self.pre_write_overlap_check(0, host, len(data), True)
-                dfile.pwrite(host, data)
+                dfile.pwrite(host, enc(host, data))
             return
         start = meta.alloc_offset + meta.cow_start.offset
         end = meta.alloc_offset + max(meta.cow_end.offset + meta.cow_end.nb_bytes,
@@ -550,12 +579,15 @@ class ClusterMixin:
             buf = bytearray(start_buf)
             buf += data
             buf += end_buf
-            dfile.pwrite(meta.alloc_offset + meta.cow_start.offset, buf)
+            off = meta.alloc_offset + meta.cow_start.offset
+            dfile.pwrite(off, enc(off, buf))
         else:
             if start_buf:
-                dfile.pwrite(meta.alloc_offset + meta.cow_start.offset, start_buf)
+                off = meta.alloc_offset + meta.cow_start.offset
+                dfile.pwrite(off, enc(off, start_buf))
             if end_buf:
-                dfile.pwrite(meta.alloc_offset + meta.cow_end.offset, end_buf)
+                off = meta.alloc_offset + meta.cow_end.offset
+                dfile.pwrite(off, enc(off, end_buf))
 
     def _read_guest(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

@@ -29,6 +29,7 @@ from .compress import decompress
 from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCATED_PLAIN,
                      SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
 from .refcount import RefcountMixin
+from .bitmap import Qcow2BitmapMixin
 from .snapshot import read_snapshots
 from . import overlap as OL
 
@@ -83,7 +84,7 @@ def _bool_opt(v, name: str) -> bool:
     raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
 
 
-class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
+class Qcow2Driver(Qcow2BitmapMixin, RefcountMixin, ClusterMixin, BlockDriver):
     info = DriverInfo("qcow2", DriverKind.FORMAT, supports_backing=True,
                       create_opts=CREATE_OPTS)
     FILENAME_FROM_FILE = ("qcow2",)
@@ -275,6 +276,8 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             if res["check-errors"]:
                 raise BlockError("Could not repair dirty image: Input/output error",
                                  errno=errno.EIO)
+        if not check_mode and not self.node.no_io:
+            self.bitmaps_load()       # bitmap.py: load, set in-use on a read-write open
 
     def _pread_exact(self, offset: int, length: int) -> bytes:
         return self.file.pread(offset, length)
@@ -457,6 +460,23 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
     def encrypted(self) -> bool:
         return bool(getattr(self, "crypt_method_header", 0))
 
+    def refresh_filename(self) -> str | None:
+        """encrypt.key-secret is qcow2's strong runtime option: an image opened with it
+        is described as json:{...} (QDict order), as QEMU's bdrv_refresh_filename()."""
+        opts = self.node.options if isinstance(self.node.options, dict) else {}
+        secret = _encrypt_options(opts).get("key-secret")
+        if secret is None or self.has_data_file:
+            return None
+        import json
+        from ....cli.output import to_json
+        fname = self.file.filename()
+        if fname.startswith("json:"):
+            file_opts = json.loads(fname[5:])
+        else:
+            file_opts = {"driver": self.file.driver_name, "filename": fname}
+        return "json:" + to_json({"driver": "qcow2", "file": file_opts,
+                                  "encrypt.key-secret": secret})
+
     def request_alignment(self) -> int:
         # qcow2_refresh_limits(): encrypted I/O works on whole sectors
         return 512 if getattr(self, "crypto", None) is not None else 1
@@ -493,6 +513,7 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
         if getattr(self, "l2_cache", None) is None or self.unusable:
             return
         if not self.node.read_only:
+            self.bitmaps_store_on_close()     # bitmap.py: store, in-use cleared
             try:
                 self.flush_caches()
                 if self.incompatible_features & L.QCOW2_INCOMPAT_DIRTY:
@@ -502,11 +523,14 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
 
     def reopen(self, read_only: bool) -> None:
         if read_only:
+            self.bitmaps_store_on_close(release=False)     # bitmap.py
             self.flush_caches()
             self.mark_clean()
         elif self.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT:
             raise BlockError("qcow2: Image is corrupt; cannot be opened read/write",
                              errno=errno.EACCES)
+        else:
+            self.bitmaps_reopen_rw()      # bitmap.py
 
     # ================================================================ header
     def update_header(self) -> None:
@@ -559,6 +583,21 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
             raise BlockError("No space left on device", errno=errno.ENOSPC)
         buf += bytes(cs - len(buf))
         self.file.pwrite(0, buf)
+
+    def has_zero_init(self) -> bool:
+        """qcow2_has_zero_init(): without preallocation no L2 table exists, so all reads
+        are zeroes; preallocated images depend on their data file (never if encrypted)."""
+        preallocated = self.l1_size > 0 and self.l1_table[0] != 0
+        if not preallocated:
+            return True
+        if self.crypto is not None or self.crypt_method_header:
+            return False
+        return self.data_file.drv.has_zero_init()
+
+    def child_replaced(self, old, new) -> None:
+        super().child_replaced(old, new)
+        for cache in (self.refcount_cache, self.l2_cache):
+            cache.child_replaced(old, new)
 
     def change_backing_file(self, backing_file: str | None, backing_fmt: str | None) -> None:
         """qcow2_change_backing_file(): record a new backing file name/format in the header
@@ -807,6 +846,19 @@ class Qcow2Driver(RefcountMixin, ClusterMixin, BlockDriver):
         if self.metadata_preallocation is None:
             self.metadata_preallocation = self._detect_metadata_preallocation()
         n, t, host = self.get_host_runs(offset, min(length, 0x7FFFFFFF), max_runs=1)[0]
+        return self._run_status(n, t, host)
+
+    def block_status_runs(self, offset: int, length: int, want_zero: bool) -> list[Status]:
+        """block_status() for every run of the L2 slice holding offset (imago-style)."""
+        self._check_usable()
+        if self.metadata_preallocation is None:
+            self.metadata_preallocation = self._detect_metadata_preallocation()
+        conv = self._run_status
+        return [conv(n, t, host) for n, t, host in
+                self.get_host_runs(offset, min(length, 0x7FFFFFFF), stop_at_error=True)]
+
+    def _run_status(self, n: int, t: int, host: int) -> Status:
+        """The Status of one get_host_runs() run (qcow2_co_block_status())."""
         status = 0
         host_node = None
         host_off = 0

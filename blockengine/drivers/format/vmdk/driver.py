@@ -364,12 +364,7 @@ class VmdkDriver(BlockDriver):
         """vmdk_has_zero_init(): yes unless a flat extent's storage is not zeroed."""
         for e in self.extents:
             if e.flat:
-                ans = getattr(e.file.drv, "has_zero_init", None)
-                if ans is not None:
-                    if not ans():
-                        return False
-                elif e.file.driver_name != "file" or getattr(e.file.drv, "is_block_device",
-                                                             False):
+                if not e.file.drv.has_zero_init():
                     return False
         return True
 

@@ -1,0 +1,163 @@
+"""Differential tests of the bulk block status path.
+
+``block_status_runs`` / ``block_status_above_runs`` (one driver call answering many
+extents) must equal repeated ``block_status`` / ``block_status_above`` calls, and the
+batched `img map` walk must produce exactly the entries of the per-extent walk, on
+random qcow2 images (with a backing file) written through the library.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import blockengine
+from blockengine.cli.imageinfo import (MapEntry, StatusCursor, block_status_entry,
+                                       map_entries)
+from blockengine.drivers.format.qcow2.driver import Qcow2Driver
+
+KiB = 1 << 10
+
+
+def _scribble(img, r: random.Random, size: int, cs: int, nops: int) -> None:
+    for _ in range(nops):
+        off = r.randrange(size)
+        n = min(r.choice([1, 512, cs, 3 * cs, 17 * cs + 300, r.randrange(1, 8 * cs)]),
+                size - off)
+        op = r.random()
+        if op < 0.5:
+            img.write(off, r.randbytes(n) if r.random() < 0.7 else bytes(n))
+        elif op < 0.8:
+            img.write_zeroes(off, n, may_unmap=r.random() < 0.5)
+        else:
+            img.discard(off, n)
+
+
+def _opts(r: random.Random, cs: int) -> dict:
+    opts = {"cluster_size": str(cs)}
+    v = r.random()
+    if v < 0.15:
+        opts["compat"] = "0.10"
+    elif v < 0.35 and cs >= 16 * KiB:
+        opts["extended_l2"] = "on"
+    if r.random() < 0.15:
+        opts["preallocation"] = "metadata"
+    return opts
+
+
+def _make_chain(d: str, r: random.Random):
+    """base.qcow2 <- top.qcow2 (base maybe shorter or longer), both scribbled on."""
+    cs = r.choice([512, 1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB])
+    size = r.randrange(1, 48) * max(cs, 16 * KiB) + r.choice([0, 512, 4096])
+    base_size = max(512, size + r.choice([-3, -1, 0, 0, 1]) * cs // 2 // 512 * 512)
+    base, top = os.path.join(d, "base.qcow2"), os.path.join(d, "top.qcow2")
+    Qcow2Driver.create(base, base_size, _opts(r, cs))
+    with blockengine.open(base, "qcow2") as img:
+        _scribble(img, r, base_size, cs, r.randrange(0, 40))
+    opts = _opts(r, cs)
+    if opts.get("extended_l2") != "on":
+        opts.pop("preallocation", None)     # with a backing file only for extended L2
+    opts.update(backing_file=base, backing_fmt="qcow2")
+    Qcow2Driver.create(top, size, opts)
+    with blockengine.open(top, "qcow2") as img:
+        _scribble(img, r, size, cs, r.randrange(0, 60))
+    return top
+
+
+def _check_runs(runs, single, offset: int, length: int) -> None:
+    """Each run equals the single-extent answer at its start for the rest of the range."""
+    assert runs
+    end = offset + length
+    for status in runs:
+        assert status == single(offset, end - offset), (offset, end)
+        if not status.length:
+            break
+        offset += status.length
+    assert offset <= end
+
+
+def _walk_runs(bulk, single, start: int, end: int) -> None:
+    """Walk [start, end) with the bulk call, checking every run against single."""
+    offset = start
+    while offset < end:
+        runs = bulk(offset, end - offset)
+        _check_runs(runs, single, offset, end - offset)
+        offset += sum(s.length for s in runs)
+
+
+def _map_per_extent(node, start: int, end: int, human: bool):
+    """The `img map` walk as it was: one block_status_entry per extent."""
+    curr = MapEntry(start, 0, False, False, 0, False, None, None)
+    while curr.start + curr.length < end:
+        offset = curr.start + curr.length
+        nxt = block_status_entry(node, offset, min(end - offset, 1 << 30))
+        if curr.mergeable(nxt):
+            curr.length += nxt.length
+            continue
+        if curr.length > 0:
+            yield curr, nxt
+            if human and (not nxt.data or nxt.zero):
+                nxt.data, nxt.zero = False, True
+        curr = nxt
+    yield curr, None
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_block_status_runs_equal_repeated_block_status(seed, data):
+    r = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        top = _make_chain(d, r)
+        with blockengine.open(top, "qcow2", read_only=True) as img:
+            chain = img.node.backing_chain()
+            for node in chain:
+                size = node.total_size
+                for want_zero in (True, False):
+                    bulk = lambda o, n, nd=node, wz=want_zero: nd.block_status_runs(o, n, wz)
+                    single = lambda o, n, nd=node, wz=want_zero: nd.block_status(o, n, wz)
+                    _walk_runs(bulk, single, 0, size)
+                    above = (lambda o, n, nd=node, wz=want_zero:
+                             nd.block_status_above_runs(o, n, None, wz))
+                    above1 = (lambda o, n, nd=node, wz=want_zero:
+                              nd.block_status_above(o, n, None, wz))
+                    _walk_runs(above, above1, 0, size)
+                    # random sub-ranges, not aligned to anything
+                    for _ in range(3):
+                        o = data.draw(st.integers(0, size - 1))
+                        n = data.draw(st.integers(1, size - o))
+                        _check_runs(bulk(o, n), single, o, n)
+                        _check_runs(above(o, n), above1, o, n)
+                # EOF answers
+                assert node.block_status_runs(size, 512) == [node.block_status(size, 512)]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_batched_map_and_cursor_equal_per_extent(seed, data):
+    r = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        top = _make_chain(d, r)
+        with blockengine.open(top, "qcow2", read_only=True) as img:
+            node, size = img.node, img.size
+            start = data.draw(st.sampled_from([0, data.draw(st.integers(0, size))]))
+            end = data.draw(st.sampled_from([size, data.draw(st.integers(start, size))]))
+            for human in (False, True):
+                assert (list(map_entries(node, start, end, human))
+                        == list(_map_per_extent(node, start, end, human)))
+            # the cursor convert and compare use, walked run by run and inside runs
+            for above in (True, False):
+                cur = StatusCursor(node, above)
+                single = node.block_status_above if above else node.block_status
+                offset = 0
+                while offset < size:
+                    want = (single(offset, size - offset, None, True) if above
+                            else single(offset, size - offset, True))
+                    assert cur.status(offset, size - offset) == want
+                    step = want.length
+                    if step > 512 and data.draw(st.booleans()):
+                        step = data.draw(st.integers(1, step - 1)) // 512 * 512 or step
+                    offset += step
