@@ -159,7 +159,7 @@ def _create_cases():
             yield pytest.param(opts, size, id="%s-%d" % (name, size))
 
 
-@pytest.mark.parametrize("opts,size", _create_cases())
+@pytest.mark.parametrize("opts,size", list(_create_cases()))
 def test_create_byte_identical(tmp_path, opts, size):
     os.chdir(tmp_path)
     qcreate("base.qcow2", 64 * MiB)
