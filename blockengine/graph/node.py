@@ -348,6 +348,8 @@ class BlockNode:
             return [Status(0, 0)]
         with self.lock:
             runs = self.drv.block_status_runs(offset, length, want_zero)
+        if len(runs) == 1 and runs[0].flags & BLOCK_RAW:
+            return self._raw_runs(runs[0], length, want_zero)
         out = []
         finish = self._finish_status
         for st in runs:
@@ -364,6 +366,20 @@ class BlockNode:
             # a status shortened by post-processing (recursion into the file) ends the
             # batch: the driver's next run would not start where this one ends
             if not whole or length <= 0:
+                break
+        return out
+
+    @staticmethod
+    def _raw_runs(st: Status, length: int, want_zero: bool) -> list[Status]:
+        """A driver that maps the range 1:1 onto its child (BLOCK_RAW): the child's
+        runs, as block_status() recurses for one."""
+        left = max(1, min(st.length, length))
+        out = []
+        for inner in st.host_node.block_status_runs(st.host_offset, left, want_zero):
+            inner = inner._replace(length=min(inner.length, left) or left)
+            out.append(inner)
+            left -= inner.length
+            if left <= 0:
                 break
         return out
 

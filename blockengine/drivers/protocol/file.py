@@ -247,6 +247,15 @@ class FileDriver(BlockDriver):
         # a hole that starts inside an aligned block does not make that block sparse
         return Status(BLOCK_DATA | BLOCK_OFFSET_VALID, n, offset, self.node)
 
+    def block_status_runs(self, offset: int, length: int, want_zero: bool) -> list[Status]:
+        """Consecutive data/hole extents in one call (the syscalls are the same)."""
+        out, end = [], offset + length
+        while offset < end and len(out) < 1024:
+            st = self.block_status(offset, end - offset, want_zero)
+            out.append(st)
+            offset += st.length
+        return out
+
     # ---- image locking ------------------------------------------------------------------------
     def check_perm(self, perm: Perm, shared: Perm) -> None:
         """raw_check_lock_bytes(): would another process's locks conflict?"""
