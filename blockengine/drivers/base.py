@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
-from ..errors import NotSupported
+from ..errors import InvalidArgument, NotSupported
 from ..graph.perms import Perm
 
 
@@ -40,6 +40,20 @@ class DriverInfo:
     supports_backing: bool = False
     # `img create -o` options in QEMU's order (CreateOpt, or bare names of 'str' options)
     create_opts: tuple = field(default=())
+
+
+def bool_option(value, name: str) -> bool:
+    """A boolean driver option given as JSON bool or as text ('on'/'off', ...); None
+    is off.  QEMU's message for anything else."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "true", "yes", 1):
+        return True
+    if value in ("off", "false", "no", 0):
+        return False
+    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
 
 
 class PreallocMode(enum.Enum):

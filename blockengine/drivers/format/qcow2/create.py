@@ -14,18 +14,9 @@ from ....errors import InvalidArgument, NotSupported
 from ...base import PreallocMode
 from . import layout as L
 from .cache import parse_size
+from ...base import bool_option
 
 
-def _bool(v, name: str) -> bool:
-    if v is None:
-        return False
-    if isinstance(v, bool):
-        return v
-    if v in ("on", "true", "yes"):
-        return True
-    if v in ("off", "false", "no"):
-        return False
-    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
 
 
 def _size(v) -> int:
@@ -40,7 +31,7 @@ def _encryption(opts: dict, secrets: dict | None):
     QCryptoBlockCreateOptions: None, or (password, LuksBlock.create kwargs, iter_time)."""
     from ..luks.driver import lookup_secret
     enc = {k[len("encrypt."):]: v for k, v in opts.items() if k.startswith("encrypt.")}
-    if _bool(opts.get("encryption"), "encryption"):
+    if bool_option(opts.get("encryption"), "encryption"):
         enc.setdefault("format", "qcow")
     if not enc:
         return None
@@ -103,11 +94,11 @@ def create(filename: str, size: int, opts: dict, secrets: dict | None = None) ->
         raise InvalidArgument("Different refcount widths than 16 bits require compatibility "
                               "level 1.1 or above (use version=v3 or greater)")
     refcount_order = refcount_bits.bit_length() - 1
-    lazy = _bool(opts.get("lazy_refcounts"), "lazy_refcounts")
+    lazy = bool_option(opts.get("lazy_refcounts"), "lazy_refcounts")
     if version < 3 and lazy:
         raise InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 "
                               "and above (use version=v3 or greater)")
-    extended_l2 = _bool(opts.get("extended_l2"), "extended_l2")
+    extended_l2 = bool_option(opts.get("extended_l2"), "extended_l2")
     if extended_l2:
         if version < 3:
             raise InvalidArgument("Extended L2 entries are only supported with compatibility "
@@ -133,7 +124,7 @@ def create(filename: str, size: int, opts: dict, secrets: dict | None = None) ->
     backing_file = opts.get("backing_file")
     backing_fmt = opts.get("backing_fmt")
     data_file = opts.get("data_file")
-    data_file_raw = _bool(opts.get("data_file_raw"), "data_file_raw")
+    data_file_raw = bool_option(opts.get("data_file_raw"), "data_file_raw")
     if data_file and version < 3:
         raise InvalidArgument("External data files are only supported with compatibility "
                               "level 1.1 and above (use version=v3 or greater)")

@@ -32,6 +32,7 @@ from .refcount import RefcountMixin
 from .bitmap import Qcow2BitmapMixin
 from .snapshot import read_snapshots
 from . import overlap as OL
+from ...base import bool_option
 
 INT64_MAX = (1 << 63) - 1
 _ZEROES = bytes(1 << 20)
@@ -74,14 +75,6 @@ RUNTIME_OPTS = ("lazy-refcounts", "pass-discard-request", "pass-discard-snapshot
                 "data-file") + OL.OPTION_KEYS[1:]
 
 
-def _bool_opt(v, name: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if v in ("on", "true", "yes", 1):
-        return True
-    if v in ("off", "false", "no", 0):
-        return False
-    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
 
 
 class Qcow2Driver(Qcow2BitmapMixin, RefcountMixin, ClusterMixin, BlockDriver):
@@ -403,7 +396,7 @@ class Qcow2Driver(Qcow2BitmapMixin, RefcountMixin, ClusterMixin, BlockDriver):
         self.l2_cache.overlap = lambda off, n: self.pre_write_overlap_check(
             OL.ACTIVE_L2, off, n)
         lazy = options.get("lazy-refcounts")
-        self.use_lazy_refcounts = (_bool_opt(lazy, "lazy-refcounts") if lazy is not None
+        self.use_lazy_refcounts = (bool_option(lazy, "lazy-refcounts") if lazy is not None
                                    else bool(self.compatible_features
                                              & L.QCOW2_COMPAT_LAZY_REFCOUNTS))
         if self.use_lazy_refcounts and self.version < 3:
@@ -412,7 +405,7 @@ class Qcow2Driver(Qcow2BitmapMixin, RefcountMixin, ClusterMixin, BlockDriver):
 
         def opt(name, default):
             v = options.get(name)
-            return default if v is None else _bool_opt(v, name)
+            return default if v is None else bool_option(v, name)
         self.discard_passthrough = {
             L.QCOW2_DISCARD_NEVER: False,
             L.QCOW2_DISCARD_ALWAYS: True,
@@ -1163,7 +1156,7 @@ def _encrypt_options(options: dict) -> dict:
 
 def _opened_for_check(options: dict) -> bool:
     """BDRV_O_CHECK: the image is opened by `qemu-img check` (the ``x-check`` option)."""
-    return _bool_opt(options.get("x-check", False), "x-check")
+    return bool_option(options.get("x-check", False), "x-check")
 
 
 def _zero(view: memoryview) -> None:

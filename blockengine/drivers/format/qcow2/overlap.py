@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 
 from ....errors import InvalidArgument
+from ...base import bool_option
 
 MAIN_HEADER = 1 << 0
 ACTIVE_L1 = 1 << 1
@@ -57,14 +58,6 @@ _L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
-def _bool(v, name: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if v in ("on", "true", "yes", 1):
-        return True
-    if v in ("off", "false", "no", 0):
-        return False
-    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
 
 
 def parse_options(options: dict) -> int:
@@ -90,7 +83,7 @@ def parse_options(options: dict) -> int:
     mask = TEMPLATES[name]
     for opt, flag in FLAG_OPTIONS:
         if opt in flat:
-            if _bool(flat.pop(opt), "overlap-check." + opt):
+            if bool_option(flat.pop(opt), "overlap-check." + opt):
                 mask |= flag
             else:
                 mask &= ~flag

@@ -16,6 +16,7 @@ import struct
 from ....errors import BlockError, InvalidArgument
 from . import layout as L
 from .layout import SECTOR
+from ...base import bool_option
 
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized")
@@ -44,16 +45,6 @@ DESC_TEMPLATE = (
     "ddb.toolsVersion = \"%s\"\n")
 
 
-def _bool(v, name: str) -> bool:
-    if v is None:
-        return False
-    if isinstance(v, bool):
-        return v
-    if v in ("on", "true", "yes"):
-        return True
-    if v in ("off", "false", "no"):
-        return False
-    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % name)
 
 
 def sparse_extent_layout(size: int, compress: bool, zeroed_grain: bool):
@@ -124,13 +115,13 @@ def create(filename: str, size: int, opts: dict) -> None:
     adapter = opts.get("adapter_type", "ide")
     backing_file = opts.get("backing_file")
     backing_fmt = opts.get("backing_fmt")
-    compat6 = _bool(opts.get("compat6"), "compat6")
+    compat6 = bool_option(opts.get("compat6"), "compat6")
     hw_version = opts.get("hwversion")
     if hw_version == "undefined":
         hw_version = None
     toolsver = opts.get("toolsversion") or "2147483647"
     fmt = opts.get("subformat") or "monolithicSparse"
-    zeroed_grain = _bool(opts.get("zeroed_grain"), "zeroed_grain")
+    zeroed_grain = bool_option(opts.get("zeroed_grain"), "zeroed_grain")
 
     if backing_fmt and backing_fmt != "vmdk":
         raise InvalidArgument("backing_file must be a vmdk image")
