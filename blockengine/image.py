@@ -46,7 +46,7 @@ class Image:
     def size(self) -> int:
         return self.node.total_size
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         return self.backend.pread(offset, length)
 
     def readinto(self, offset: int, buf) -> None:

@@ -289,7 +289,7 @@ class BlockBackend:
         self.stats.done(kind, nbytes, start)
         return result
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytearray:
         node = self._node("rd", offset, length)
         self._throttle(False, length)
         return self._run("rd", node.pread, offset, length, nbytes=length)

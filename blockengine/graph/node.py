@@ -157,10 +157,12 @@ class BlockNode:
         return perm, shared
 
     # ---- I/O: reads -----------------------------------------------------------------
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytearray:
+        """The data at offset as a new bytearray (not copied again into bytes: for large
+        reads the second copy would cost as much as the read itself)."""
         buf = bytearray(length)
         self.preadv(offset, memoryview(buf))
-        return bytes(buf)
+        return buf
 
     def preadv(self, offset: int, buf) -> None:
         """Read len(buf) bytes at offset into buf (any writable buffer).  Never short."""
