@@ -111,7 +111,7 @@ class Graph:
                 if driver_cls.info.supports_backing:
                     self._open_backing(node, options, child_inherit)
             except BaseException:
-                self._abandon(node)
+                self._drop_children(node)
                 raise
             # registered once open, so children come first (QEMU's graph_bdrv_states order)
             self.nodes[node.node_name] = node
@@ -376,11 +376,7 @@ class Graph:
             node.flush()
         finally:
             node.drv.close()
-            for c in list(node.children):
-                node.children.remove(c)
-                c.node.parents.remove(c)
-                self.refresh_perms([c.node])
-                self._release(c.node)
+            self._drop_children(node)
 
     def _release(self, node: BlockNode) -> None:
         """Close a node nobody uses and the monitor does not own."""
@@ -388,8 +384,8 @@ class Graph:
             self.nodes.pop(node.node_name, None)
             self._close(node)
 
-    def _abandon(self, node: BlockNode) -> None:
-        """Undo a half-open node's children after its open failed."""
+    def _drop_children(self, node: BlockNode) -> None:
+        """Detach every child of a closed (or half-open) node, closing orphans."""
         for c in list(node.children):
             node.children.remove(c)
             c.node.parents.remove(c)

@@ -18,7 +18,7 @@ BLOCK_JOB_PENDING) until job-finalize; with auto-dismiss off in ``concluded`` un
 job-dismiss.
 
 Jobs are registered per graph (``jobs_of(graph)``); the job's nodes carry *op
-blockers* (``node.op_blockers``: list of reasons), checked by ``check_op_blockers``
+blockers* (``node.op_blockers``: list of reasons), checked by ``BlockNode.check_op_blockers``
 with QEMU's "Node '%s' is busy: block device is in use by block job: %s".
 """
 from __future__ import annotations
@@ -111,10 +111,6 @@ def add_op_blocker(node, reason: str) -> None:
 def remove_op_blocker(node, reason: str) -> None:
     if reason in node.op_blockers:
         node.op_blockers.remove(reason)
-
-
-def check_op_blockers(node) -> None:
-    node.check_op_blockers()
 
 
 def device_name(node) -> str:

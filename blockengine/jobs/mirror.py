@@ -25,7 +25,7 @@ from ..drivers.filter.mirror_top import MirrorTopDriver
 from ..errors import BlockError, InvalidArgument, JobError
 from ..graph.backend import BlockBackend
 from ..graph.perms import Perm
-from .job import Job, check_op_blockers, device_name
+from .job import Job, device_name
 
 DEFAULT_BUF_SIZE = 16 << 20
 MAX_CHUNK = 4 << 20
@@ -313,5 +313,5 @@ class MirrorJob(Job):
 
 def check_job_nodes(source, target) -> None:
     """QEMU's op-blocker checks for a mirror's source and target."""
-    check_op_blockers(source)
-    check_op_blockers(target)
+    source.check_op_blockers()
+    target.check_op_blockers()

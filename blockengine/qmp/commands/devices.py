@@ -154,18 +154,11 @@ def remove_medium(ctx, device, qdev_id) -> None:
     node = blk.root_node
     if node is None:
         return
-    _check_blockers(node)
+    node.check_op_blockers()
     blk.remove()
     if not _has_tray(blk):
         _change_media(ctx, blk, False)
 
-
-def _check_blockers(node) -> None:
-    try:
-        from ...jobs.job import check_op_blockers
-    except ImportError:         # pragma: no cover - the jobs package is optional
-        return
-    check_op_blockers(node)
 
 
 def x_blockdev_remove_medium(ctx, args: dict):

@@ -14,7 +14,7 @@ from ...graph.child import ChildRole
 from ...graph.node import BlockNode
 from ...jobs.backup import BackupJob, check_backup_args
 from ...jobs.commit import ActiveCommitJob, CommitJob
-from ...jobs.job import check_op_blockers, find_block_job, find_job, jobs_of, parse_on_error
+from ...jobs.job import find_block_job, find_job, jobs_of, parse_on_error
 from ...jobs.mirror import MirrorJob
 from ...jobs.stream import StreamJob
 
@@ -83,8 +83,8 @@ def _mirror_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> Mir
     sync = args["sync"]
     if sync in ("incremental", "bitmap"):
         raise InvalidArgument("Sync mode '%s' not supported" % sync)
-    check_op_blockers(source)
-    check_op_blockers(target)
+    source.check_op_blockers()
+    target.check_op_blockers()
     if sync == "top" and source.backing is None:
         sync = "full"
     replaces = args.get("replaces")
@@ -108,7 +108,7 @@ def _check_to_replace(ctx, source: BlockNode, name: str) -> None:
     node = ctx.graph.find_node(name)
     if node is None:
         raise InvalidArgument("Failed to find node with node-name='%s'" % name)
-    check_op_blockers(node)
+    node.check_op_blockers()
     n = source
     while n is not None:
         if n is node:
@@ -163,8 +163,8 @@ def drive_mirror(ctx, args: dict):
 # ---- backup --------------------------------------------------------------------------------
 def _backup_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> BackupJob:
     _check_speed(args)
-    check_op_blockers(source)
-    check_op_blockers(target)
+    source.check_op_blockers()
+    target.check_op_blockers()
     if args.get("compress"):
         raise BlockError("Compression is not supported for this drive %s"
                          % target.node_name)
@@ -246,7 +246,7 @@ def block_stream(ctx, args: dict):
     stop = chain.index(base) if base is not None else (
         chain.index(bottom) + 1 if bottom is not None else len(chain))
     for n in chain[:stop]:
-        check_op_blockers(n)
+        n.check_op_blockers()
     _check_speed(args)
     job = StreamJob(ctx.graph, args.get("job-id"), top, base, bottom=bottom,
                     backing_file=args.get("backing-file"),
@@ -292,7 +292,7 @@ def block_commit(ctx, args: dict):
     if base not in top.backing_chain()[1:]:
         raise InvalidArgument("'%s' is not in this backing file chain" % base_name)
     for n in bs.backing_chain():
-        check_op_blockers(n)
+        n.check_op_blockers()
         if n is base:
             break
     _check_speed(args)

@@ -61,7 +61,7 @@ def change_backing_file(ctx, args: dict):
         if _bottom(image) is image.skip_filters():
             raise BlockError("not allowing backing file change on an image without a "
                              "backing file")
-        _check_blockers(bs)
+        bs.check_op_blockers()
         if not _chain_contains(bs, image):
             raise BlockError("'%s' and image file are not in the same chain"
                              % args["device"])
@@ -85,13 +85,6 @@ def change_backing_file(ctx, args: dict):
                 graph.reopen(image, True)
     return {}
 
-
-def _check_blockers(node) -> None:
-    try:
-        from ...jobs.job import check_op_blockers
-    except ImportError:         # pragma: no cover
-        return
-    check_op_blockers(node)
 
 
 COMMANDS = {
