@@ -17,6 +17,7 @@ from ..drivers.filter.commit_top import CommitTopDriver
 from ..drivers.filter.common import drop_filter, open_implicit_filter
 from ..errors import BlockError
 from ..graph.perms import Perm
+from .block_copy import CopyBuffer
 from .job import Job
 from .mirror import JobBackend, MirrorJob
 from .stream import change_backing
@@ -81,6 +82,7 @@ class CommitJob(Job):
         if base.total_size < size:
             base.truncate(size)
         self.progress_set_remaining(size)
+        buffer = CopyBuffer(CHUNK)
         pos = 0
         while pos < size:
             self.pause_point()
@@ -89,7 +91,7 @@ class CommitJob(Job):
                 allocated, n = top.is_allocated_above(pos, n, base)
                 n = max(1, n)
                 if allocated:
-                    base.pwrite(pos, top.pread(pos, n))
+                    base.pwrite(pos, buffer.read(top, pos, n))
             except BlockError as e:
                 # commit_run(): anything but report retries the chunk
                 self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False), e)

@@ -25,6 +25,7 @@ from ..drivers.filter.mirror_top import MirrorTopDriver
 from ..errors import BlockError, InvalidArgument, JobError
 from ..graph.backend import BlockBackend
 from ..graph.perms import Perm
+from .block_copy import CopyBuffer, DataExtentCache
 from .job import Job, device_name
 
 DEFAULT_BUF_SIZE = 16 << 20
@@ -137,6 +138,8 @@ class MirrorJob(Job):
             self._wait_for_end()
             return
         self._dirty_init(size)
+        self.extents = DataExtentCache(self.source)
+        self.buffer = CopyBuffer(min(self.buf_size, MAX_CHUNK))
         cursor = 0
         while True:
             self.pause_point()
@@ -203,13 +206,10 @@ class MirrorJob(Job):
         pos, end = offset, offset + length
         while pos < end:
             try:
-                st = src.block_status_above(pos, end - pos, None)
-                n = max(1, min(st.length, end - pos))
-                zero = bool(st.flags & BLOCK_ZERO)
-                buf = None
-                if not zero:
-                    buf = bytearray(n)
-                    src.preadv(pos, memoryview(buf))
+                flags, n = self.extents.status(pos, end - pos)
+                n = max(1, n)
+                zero = bool(flags & BLOCK_ZERO)
+                buf = None if zero else self.buffer.read(src, pos, n)
             except BlockError as e:
                 if self.handle_io_error(self.on_source_error, True, e):
                     continue            # stopped and resumed: retry

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..errors import BlockError
 from ..graph.child import ChildRole
 from ..graph.perms import Perm
+from .block_copy import CopyBuffer
 from .job import Job
 from .mirror import JobBackend
 
@@ -78,6 +79,7 @@ class StreamJob(Job):
         size = top.total_size
         self.progress_set_remaining(size)
         backing = top.backing
+        buffer = CopyBuffer(CHUNK)
         first_error = None
         pos = 0
         while pos < size:
@@ -92,7 +94,7 @@ class StreamJob(Job):
                         copy, n = backing.is_allocated_above(pos, n, self.base)
                         n = max(1, n)
                     if copy:
-                        top.pwrite(pos, top.pread(pos, n))
+                        top.pwrite(pos, buffer.read(top, pos, n))
             except BlockError as e:
                 # stream_run(): stop retries, ignore skips the chunk but fails the job
                 # at the end (the backing chain is then left alone), report fails now
