@@ -89,8 +89,12 @@ class JobRegistry:
     def find(self, job_id: str) -> "Job | None":
         return self.jobs.get(job_id)
 
-    def block_jobs(self) -> list["Job"]:
+    def all_jobs(self) -> list["Job"]:
         return list(self.jobs.values())
+
+    def block_jobs(self) -> list["Job"]:
+        """The block jobs (blockjob.c), without plain jobs such as blockdev-create's."""
+        return [job for job in self.jobs.values() if job.block_job]
 
 
 def jobs_of(graph) -> JobRegistry:
@@ -136,6 +140,7 @@ class Job:
     """A block job.  Subclasses set ``job_type`` and implement ``run`` (+ hooks)."""
 
     job_type = "none"
+    block_job = True        # a BlockJob: block-job-* commands and query-block-jobs see it
 
     def __init__(self, graph, job_id: str | None, node, *, speed: int = 0,
                  auto_finalize: bool = True, auto_dismiss: bool = True,
@@ -615,7 +620,7 @@ def cancel_all_sync(graph, timeout: float = 30) -> None:
 def find_block_job(graph, device: str) -> Job:
     """find_block_job(): QEMU's "Block job '%s' not found"."""
     job = jobs_of(graph).find(device)
-    if job is None:
+    if job is None or not job.block_job:
         from ..errors import DeviceNotActive
         raise DeviceNotActive("Block job '%s' not found" % device)
     return job

@@ -1,8 +1,9 @@
 """QMP command handlers, grouped by area.  Each module lists its handlers in COMMANDS
 (name -> function(ctx, args) -> return value); ``all_commands()`` collects them."""
-from . import bitmaps, block_nodes, devices, jobs, misc, queries, snapshots, throttle
+from . import (bitmaps, block_nodes, create, devices, jobs, misc, queries, snapshots,
+               throttle)
 
-AREAS = (block_nodes, queries, devices, throttle, jobs, bitmaps, snapshots, misc)
+AREAS = (block_nodes, queries, devices, throttle, jobs, create, bitmaps, snapshots, misc)
 
 
 def all_commands() -> dict:

@@ -250,6 +250,7 @@ def block_stream(ctx, args: dict):
     _check_speed(args)
     job = StreamJob(ctx.graph, args.get("job-id"), top, base, bottom=bottom,
                     backing_file=args.get("backing-file"),
+                    filter_node_name=args.get("filter-node-name"),
                     on_error=parse_on_error(args.get("on-error"), "on-error"),
                     **_common(args))
     job.start()
@@ -388,7 +389,7 @@ def query_block_jobs(ctx, args: dict):
 def query_jobs(ctx, args: dict):
     reg = jobs_of(ctx.graph)
     with reg.lock:
-        return [j.job_info() for j in reg.block_jobs() if j.id is not None]
+        return [j.job_info() for j in reg.all_jobs() if j.id is not None]
 
 
 COMMANDS = {

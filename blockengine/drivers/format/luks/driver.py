@@ -9,6 +9,7 @@ buffer of at most 1 MiB (QEMU's BLOCK_CRYPTO_MAX_IO_SIZE).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 from ....crypto.cipher import SECTOR_SIZE
 from ....crypto.luks import LuksBlock
@@ -147,29 +148,54 @@ class LuksDriver(BlockDriver):
         from ...protocol.file import FileDriver
         from ....graph.graph import Graph
 
-        opts = {k: v for k, v in (opts or {}).items() if v is not None}
-        secret_id = opts.get("key-secret")
-        if secret_id is None:
-            raise InvalidArgument("Parameter 'key-secret' is required for cipher")
-        password = lookup_secret(secrets, secret_id)
-        kw = {}
-        for name in ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg"):
-            if name in opts:
-                kw[name.replace("-", "_")] = str(opts[name])
-        iter_time = int(opts.get("iter-time", 2000))
-        prealloc = opts.get("preallocation", "off")
-        try:
-            prealloc = PreallocMode(prealloc)
-        except ValueError:
-            raise InvalidArgument("Parameter 'preallocation' does not accept value '%s'"
-                                  % prealloc) from None
-        block = LuksBlock.create(password, iter_time=iter_time, **kw)
+        params = check_create_options(opts, secrets)
+        block = new_volume(params)
         FileDriver.create(filename, 0, {})
         graph = Graph()
         try:
             fnode = graph.open_node({"driver": "file", "filename": filename})
-            fnode.truncate(block.payload_offset + size, prealloc=prealloc)
-            block.store_key(fnode.pwrite, 0, password, iter_time)
-            fnode.flush()
+            format_node(fnode, size, block, params)
         finally:
             graph.close_all()
+
+
+class CreateParams(NamedTuple):
+    """Checked LUKS create options (QCryptoBlockCreateOptionsLUKS + preallocation)."""
+    password: bytes
+    cipher: dict            # LuksBlock.create keyword arguments
+    iter_time: int
+    prealloc: PreallocMode
+
+
+def check_create_options(opts: dict, secrets: dict | None) -> CreateParams:
+    """The key secret and algorithm options of a LUKS create, QEMU's messages."""
+    opts = {k: v for k, v in (opts or {}).items() if v is not None}
+    secret_id = opts.get("key-secret")
+    if secret_id is None:
+        raise InvalidArgument("Parameter 'key-secret' is required for cipher")
+    password = lookup_secret(secrets, secret_id)
+    kw = {}
+    for name in ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg"):
+        if name in opts:
+            kw[name.replace("-", "_")] = str(opts[name])
+    iter_time = int(opts.get("iter-time", 2000))
+    prealloc = opts.get("preallocation", "off")
+    try:
+        prealloc = PreallocMode(prealloc)
+    except ValueError:
+        raise InvalidArgument("Parameter 'preallocation' does not accept value '%s'"
+                              % prealloc) from None
+    return CreateParams(password, kw, iter_time, prealloc)
+
+
+def new_volume(params: CreateParams) -> LuksBlock:
+    """qcrypto_block_create(): a fresh master key and header (runs the PBKDF)."""
+    return LuksBlock.create(params.password, iter_time=params.iter_time, **params.cipher)
+
+
+def format_node(fnode, size: int, block: LuksBlock, params: CreateParams) -> None:
+    """block_crypto_co_create_generic() on an open node: size the node for the header
+    and ``size`` payload bytes, then write the header and key slot 0."""
+    fnode.truncate(block.payload_offset + size, prealloc=params.prealloc)
+    block.store_key(fnode.pwrite, 0, params.password, params.iter_time)
+    fnode.flush()

@@ -9,6 +9,7 @@ is set.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 from ....errors import InvalidArgument, NotSupported
 from ...base import PreallocMode
@@ -72,10 +73,25 @@ def _set_up_encryption(s, fnode, password: bytes, kw: dict, iter_time: int) -> N
     s.update_header()
 
 
-def create(filename: str, size: int, opts: dict, secrets: dict | None = None) -> None:
-    from ...protocol.file import FileDriver
-    from ....graph.graph import Graph
+class CreateParams(NamedTuple):
+    """qcow2_co_create()'s validated options (``check_create_options``)."""
+    version: int
+    cluster_size: int
+    refcount_order: int
+    lazy_refcounts: bool
+    extended_l2: bool
+    compression_type: int
+    prealloc: PreallocMode
+    backing_file: str | None
+    backing_fmt: str | None
+    has_data_file: bool
+    data_file_raw: bool
+    encryption: tuple | None
 
+
+def check_create_options(opts: dict, secrets: dict | None = None) -> CreateParams:
+    """Validate create options (QemuOpts names; ``data_file`` only tested for presence)
+    with qcow2_co_create()'s checks and messages, before anything is written."""
     opts = {k: v for k, v in (opts or {}).items() if v is not None}
     encryption = _encryption(opts, secrets)
     compat = str(opts.get("compat", "v3"))
@@ -139,20 +155,49 @@ def create(filename: str, size: int, opts: dict, secrets: dict | None = None) ->
         raise InvalidArgument("Backing file and data-file-raw cannot be used at the same time")
     if data_file_raw and prealloc is PreallocMode.OFF:
         prealloc = PreallocMode.METADATA
-    size = -(-int(size) // 512) * 512
+    return CreateParams(version, cluster_size, refcount_order, lazy, extended_l2, ctype,
+                        prealloc, backing_file, backing_fmt, bool(data_file), data_file_raw,
+                        encryption)
 
-    # protocol layer
+
+def create(filename: str, size: int, opts: dict, secrets: dict | None = None) -> None:
+    """qcow2_co_create_opts(): create the file (and data file), then format them."""
+    from ...protocol.file import FileDriver
+    from ....graph.graph import Graph
+
+    params = check_create_options(opts, secrets)
+    data_file = opts.get("data_file")
+    size = -(-int(size) // 512) * 512
     FileDriver.create(filename, 0, {})
     if data_file:
         FileDriver.create(data_file, 0, {})
+    graph = Graph()
+    try:
+        fnode = graph.open_node({"driver": "file", "filename": filename})
+        dnode = None
+        if data_file:
+            dnode = graph.open_node({"driver": "file", "filename": data_file})
+        format_nodes(graph, fnode, dnode, data_file, size, params)
+    finally:
+        graph.close_all()
 
+
+def format_nodes(graph, fnode, dnode, data_file_name: str | None, size: int,
+                 params: CreateParams) -> None:
+    """qcow2_co_create() once the options are checked: lay a qcow2 image of ``size``
+    bytes onto the open node ``fnode`` (and the data file node ``dnode``, recorded in
+    the header as ``data_file_name``).  The temporary qcow2 node is closed before
+    returning; ``fnode`` and ``dnode`` stay open."""
+    (version, cluster_size, refcount_order, lazy, extended_l2, ctype, prealloc,
+     backing_file, backing_fmt, _, data_file_raw, encryption) = params
+    cluster_bits = cluster_size.bit_length() - 1
     header = L.Header(version=version, cluster_bits=cluster_bits, size=0,
                       refcount_table_offset=cluster_size, refcount_table_clusters=1,
                       refcount_order=refcount_order, compression_type=ctype,
                       header_length=L.HEADER_SIZE)
     if lazy:
         header.compatible_features |= L.QCOW2_COMPAT_LAZY_REFCOUNTS
-    if data_file:
+    if dnode is not None:
         header.incompatible_features |= L.QCOW2_INCOMPAT_DATA_FILE
     if data_file_raw:
         header.autoclear_features |= L.QCOW2_AUTOCLEAR_DATA_FILE_RAW
@@ -169,23 +214,21 @@ def create(filename: str, size: int, opts: dict, secrets: dict | None = None) ->
     reftable = bytearray(2 * cluster_size)
     reftable[0:8] = L.BE64.pack(2 * cluster_size)
 
-    graph = Graph()
+    fnode.pwrite(0, first)
+    fnode.pwrite(cluster_size, reftable)
+    opts_q = {"driver": "qcow2", "file": fnode.node_name, "backing": None}
+    if dnode is not None:
+        opts_q["data-file"] = dnode.node_name
+    node = graph.open_node(opts_q)
+    node.monitor_owned = False
     try:
-        fnode = graph.open_node({"driver": "file", "filename": filename})
-        fnode.pwrite(0, first)
-        fnode.pwrite(cluster_size, reftable)
-        opts_q = {"driver": "qcow2", "file": fnode.node_name, "backing": None}
-        if data_file:
-            dnode = graph.open_node({"driver": "file", "filename": data_file})
-            opts_q["data-file"] = dnode.node_name
-        node = graph.open_node(opts_q)
         s = node.drv
         off = s.alloc_clusters(3 * cluster_size)
         if off != 0:
             raise InvalidArgument("Could not allocate clusters for qcow2 header and refcount "
                                   "table")
-        if data_file:
-            s.image_data_file = data_file
+        if dnode is not None:
+            s.image_data_file = data_file_name
         s.update_header()
         node.truncate(size, prealloc=prealloc)
         if backing_file:
@@ -199,4 +242,6 @@ def create(filename: str, size: int, opts: dict, secrets: dict | None = None) ->
             _set_up_encryption(s, fnode, *encryption)
         node.flush()
     finally:
-        graph.close_all()
+        with graph.lock:
+            graph.nodes.pop(node.node_name, None)
+            graph._close(node)
