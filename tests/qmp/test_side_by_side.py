@@ -156,3 +156,135 @@ def test_quorum_and_backing_scripts(both, tmp_path):
         cmp = subprocess.run(["qemu-img", "compare", "-U", str(tmp_path / "ref" / name),
                               str(tmp_path / "ours" / name)], capture_output=True)
         assert cmp.returncode == 0, (name, cmp.stdout)
+
+
+# ---- blockdev-create: the same management script against both daemons ----------------------
+MiB = 1 << 20
+CREATE_SCRIPT = [
+    ("blockdev-create", {"job-id": "mk", "options": {"driver": "file", "size": 0,
+                                                     "filename": "DIR/disk.qcow2"}}),
+    ("query-jobs", {}),
+    ("job-dismiss", {"id": "mk"}),
+    ("blockdev-add", {"driver": "file", "node-name": "f0", "filename": "DIR/disk.qcow2"}),
+    ("blockdev-create", {"job-id": "fmt", "options": {
+        "driver": "qcow2", "file": "f0", "size": 64 * MiB, "cluster-size": 65536,
+        "backing-file": "base.qcow2", "backing-fmt": "qcow2", "lazy-refcounts": True}}),
+    ("query-jobs", {}),
+    ("query-block-jobs", {}),
+    ("job-dismiss", {"id": "fmt"}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "disk", "file": "f0", "backing": None}),
+    ("block_resize", {"node-name": "disk", "size": 128 * MiB}),
+    ("blockdev-del", {"node-name": "disk"}),
+    # an external data file, opened inline by the create
+    ("blockdev-create", {"job-id": "mkd", "options": {"driver": "file", "size": 0,
+                                                      "filename": "DIR/data.raw"}}),
+    ("job-dismiss", {"id": "mkd"}),
+    ("blockdev-create", {"job-id": "mke", "options": {"driver": "file", "size": 0,
+                                                      "filename": "DIR/ext.qcow2"}}),
+    ("job-dismiss", {"id": "mke"}),
+    ("blockdev-create", {"job-id": "ext", "options": {
+        "driver": "qcow2", "file": {"driver": "file", "filename": "DIR/ext.qcow2"},
+        "data-file": {"driver": "file", "filename": "DIR/data.raw"}, "data-file-raw": True,
+        "size": 4 * MiB}}),
+    ("job-dismiss", {"id": "ext"}),
+    # LUKS with the --object secret
+    ("blockdev-create", {"job-id": "mkl", "options": {"driver": "file", "size": 0,
+                                                      "filename": "DIR/disk.luks"}}),
+    ("job-dismiss", {"id": "mkl"}),
+    ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": "DIR/disk.luks"}),
+    ("blockdev-create", {"job-id": "luks", "options": {
+        "driver": "luks", "file": "f1", "size": MiB, "key-secret": "sec0", "iter-time": 10}}),
+    ("job-dismiss", {"id": "luks"}),
+    # errors: refused commands, then jobs that fail
+    ("blockdev-create", {"job-id": "1x", "options": {"driver": "file", "filename": "DIR/x",
+                                                     "size": 0}}),
+    ("blockdev-create", {"job-id": "e", "options": {"driver": "null-co"}}),
+    ("blockdev-create", {"job-id": "e", "options": {"driver": "raw", "file": "f0"}}),
+    ("blockdev-create", {"job-id": "e", "options": {"driver": "qcow2", "file": "f0"}}),
+    ("blockdev-create", {"job-id": "e1", "options": {"driver": "qcow2", "file": "nope",
+                                                     "size": MiB}}),
+    ("blockdev-create", {"job-id": "e1", "options": {"driver": "file", "filename": "DIR/x",
+                                                     "size": 0}}),
+    ("block-job-cancel", {"device": "e1"}),
+    ("query-jobs", {}),
+    ("job-dismiss", {"id": "e1"}),
+    ("blockdev-create", {"job-id": "e2", "options": {"driver": "qcow2", "file": "f0",
+                                                     "size": MiB, "cluster-size": 1000}}),
+    ("query-jobs", {}),
+    ("job-dismiss", {"id": "e2"}),
+    ("blockdev-create", {"job-id": "e3", "options": {"driver": "luks", "file": "f1",
+                                                     "size": MiB}}),
+    ("query-jobs", {}),
+    ("job-dismiss", {"id": "e3"}),
+    ("blockdev-create", {"job-id": "e4", "options": {"driver": "file", "size": MiB,
+                                                     "filename": "DIR/no/such"}}),
+    ("query-jobs", {}),
+    ("job-dismiss", {"id": "e4"}),
+]
+
+
+def _run_create_script(client: Raw, directory) -> list:
+    """Each command's response and the events up to it (for a started blockdev-create,
+    up to the job's 'concluded'), timestamps and the directory name taken out."""
+    def here(value):
+        return json.loads(json.dumps(value).replace("DIR", str(directory)))
+
+    def strip(message):
+        return json.loads(json.dumps({k: v for k, v in message.items() if k != "timestamp"})
+                          .replace(str(directory), "DIR"))
+
+    results = []
+    for name, args in CREATE_SCRIPT:
+        client.send(json.dumps({"execute": name, "arguments": here(args)}).encode())
+        events, response = [], None
+        while response is None:
+            message = client.msg()
+            if "event" in message:
+                events.append(strip(message))
+            else:
+                response = strip(message)
+        if name == "blockdev-create" and "return" in response:
+            while not any(e["data"]["status"] == "concluded" for e in events):
+                events.append(strip(client.msg()))
+        results.append((name, response, events))
+    return results
+
+
+def test_blockdev_create_script(both, tmp_path):
+    def extra(d):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"),
+                        "64M"], check=True)
+        return ("--object", "secret,id=sec0,data=hunter2")
+    clients = both(extra)
+    for c in clients:
+        c.send(b'{"execute":"qmp_capabilities"}')
+        c.response()
+    ref, ours = (_run_create_script(c, tmp_path / side)
+                 for c, side in zip(clients, ("ref", "ours")))
+    for step_ref, step_ours in zip(ref, ours):
+        assert step_ours == step_ref
+    assert len(ref) == len(ours) == len(CREATE_SCRIPT)
+    qemu_img = require_tool("qemu-img")
+
+    def info(side, name, *opts):
+        out = subprocess.run([qemu_img, "info", "-U", "--output=json", *opts,
+                              str(tmp_path / side / name)],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out.replace(str(tmp_path / side), "DIR"))
+
+    # the qcow2 images are the same bytes (disk.qcow2 also after its resize)
+    for name in ("disk.qcow2", "data.raw"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    for name in ("disk.qcow2", "ext.qcow2"):
+        assert info("ours", name) == info("ref", name)
+        for side in ("ref", "ours"):
+            check = subprocess.run([qemu_img, "check", "-U", str(tmp_path / side / name)],
+                                   capture_output=True, text=True)
+            assert check.returncode == 0, (side, name, check.stdout)
+    # LUKS: the same layout; keys, salts and iteration counts are per volume
+    luks_ref, luks_ours = info("ref", "disk.luks"), info("ours", "disk.luks")
+    for volume in (luks_ref, luks_ours):
+        data = volume["format-specific"]["data"]
+        del data["uuid"], data["master-key-iters"], data["slots"][0]["iters"]
+        del volume["actual-size"]
+    assert luks_ours == luks_ref
