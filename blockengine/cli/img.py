@@ -29,7 +29,7 @@ from .output import (MAP_HUMAN_HEADER, Progress, image_check_human, image_info_h
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512          # BDRV_SECTOR_SIZE (convert.SECTOR; convert loads on first use)
-UNSUPPORTED = ("amend", "bench", "bitmap", "commit", "dd", "measure", "snapshot", "rebase")
+UNSUPPORTED = ("amend", "bench", "bitmap", "commit", "dd", "measure", "rebase")
 
 
 def version_text() -> str:
@@ -754,9 +754,15 @@ def _strerror(e: BlockError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def cmd_snapshot(argv: list[str]) -> int:
+    from .snapshot import cmd_snapshot as img_snapshot     # cli/snapshot.py, on first use
+    return img_snapshot(argv)
+
+
 COMMANDS = {
     "check": cmd_check, "compare": cmd_compare, "convert": cmd_convert,
     "create": cmd_create, "info": cmd_info, "map": cmd_map, "resize": cmd_resize,
+    "snapshot": cmd_snapshot,
 }
 
 TOP_LONGOPTS = [("help", NO_ARG, "h"), ("version", NO_ARG, "V"),

@@ -112,6 +112,11 @@ BASES = {
     "lazy": ("lazy_refcounts=on", "16M", ["write -P 0x44 0 64k", "write -P 0x55 2M 64k"]),
     "compressed": ("", "16M", ["write -c -P 0x66 0 64k", "write -P 0x77 64k 64k"]),
     "v2": ("compat=0.10", "16M", ["write -P 0x11 0 64k", "write -P 0x22 3M 64k"]),
+    # ("snapshot", name) steps run `img snapshot -c name` between the writes
+    "snapshots": ("cluster_size=4096", "4M", [
+        "write -P 0x11 0 16k", "write -P 0x22 1M 8k", ("snapshot", "s1"),
+        "write -P 0x33 0 4k", "write -P 0x44 2M 4k", ("snapshot", "s2"),
+        "write -P 0x55 4k 4k"]),
 }
 
 
@@ -123,14 +128,39 @@ def make_base(path, name: str, qemu_img: str = "qemu-img", qemu_io: str = "qemu-
     subprocess.run(img + ["create", "-q", "-f", "qcow2"] + (["-o", opts] if opts else [])
                    + [str(path), size], check=True, capture_output=True)
     argv = io + ["-f", "qcow2"]
-    for c in cmds:
-        argv += ["-c", c]
-    subprocess.run(argv + [str(path)], check=True, capture_output=True)
+    writes: list[str] = []
+    for c in cmds + [("snapshot", None)]:
+        if isinstance(c, str):
+            writes += ["-c", c]
+            continue
+        if writes:
+            subprocess.run(argv + writes + [str(path)], check=True, capture_output=True)
+            writes = []
+        if c[1] is not None:
+            subprocess.run(img + ["snapshot", "-c", c[1], str(path)], check=True,
+                           capture_output=True)
 
 
 def blockengine_tools() -> tuple[list[str], list[str]]:
     py = [sys.executable, "-m", "blockengine.cli"]
     return py + ["img"], py + ["io"]
+
+
+def snapshot_entry_pos(path, index: int) -> int:
+    """File offset of snapshot table entry ``index`` (entries are 8-byte aligned)."""
+    lay = layout(path)
+    pos = lay.snapshots_offset
+    with open(path, "rb") as f:
+        for _ in range(index):
+            f.seek(pos)
+            (_, _, id_size, name_size, _, _, _, _, extra) = SNAPSHOT_HEADER.unpack(
+                f.read(SNAPSHOT_HEADER.size))
+            pos = (pos + SNAPSHOT_HEADER.size + extra + id_size + name_size + 7) & ~7
+    return pos
+
+
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+SN_L1_OFFSET, SN_L1_SIZE, SN_EXTRA_SIZE = 0, 8, 36     # field offsets in an entry
 
 
 # ---- mutations --------------------------------------------------------------------------
@@ -394,6 +424,57 @@ def m_ext_too_large(p):
     put32(p, 116, 0x7FFFFFF0)
 
 
+def m_snapshots_too_many(p):
+    """more snapshots than QEMU_MAX_SNAPSHOTS: -r all discards the overhang"""
+    put32(p, 60, (1 << 16) + 3)
+
+
+def m_snapshots_too_many_past_eof(p):
+    put32(p, 60, (1 << 16) + 1)
+    put64(p, 64, 1 << 30)
+
+
+def m_snapshot_extra_too_large(p):
+    """overhanging extra data: cut to QCOW_MAX_SNAPSHOT_EXTRA_DATA by -r all"""
+    put32(p, snapshot_entry_pos(p, 1) + SN_EXTRA_SIZE, 2000)
+
+
+def m_snapshot_extra_huge(p):
+    """extra data past INT_MAX: the table is too big, every snapshot is discarded"""
+    put32(p, snapshot_entry_pos(p, 0) + SN_EXTRA_SIZE, 0x80000000)
+
+
+def m_snapshot_incomplete(p):
+    """a v3 entry without disk_size (extra data shorter than 16 bytes)"""
+    put32(p, snapshot_entry_pos(p, 1) + SN_EXTRA_SIZE, 8)
+
+
+def m_snapshot_table_past_eof(p):
+    put64(p, 64, 64 << 20)
+
+
+def m_snapshot_table_unaligned(p):
+    put64(p, 64, layout(p).snapshots_offset + 8)
+
+
+def m_snapshot_l1_unaligned(p):
+    pos = snapshot_entry_pos(p, 0) + SN_L1_OFFSET
+    put64(p, pos, get64(p, pos) + 0x200)
+
+
+def m_snapshot_l1_too_large(p):
+    put32(p, snapshot_entry_pos(p, 1) + SN_L1_SIZE, 0x7FFFFFFF)
+
+
+def m_snapshot_l1_past_eof(p):
+    put64(p, snapshot_entry_pos(p, 1) + SN_L1_OFFSET, 256 << 20)
+
+
+def m_snapshot_shared_refcount_low(p):
+    """a cluster shared by a snapshot with refcount 1 (should be 2)"""
+    set_refcount(p, l2_offset(p) // layout(p).cluster_size, 1)
+
+
 CASES = {
     "l2_past_eof": ("plain", m_l2_past_eof),
     "l2_far_past_eof": ("plain", m_l2_far_past_eof),
@@ -449,6 +530,19 @@ CASES = {
     "ext_too_large": ("plain", m_ext_too_large),
     "v2_leak": ("v2", m_leak_cluster),
     "v2_zero_refcount": ("v2", m_zero_refcount_data),
+    "snapshots_clean": ("snapshots", lambda p: None),
+    "snapshots_too_many": ("snapshots", m_snapshots_too_many),
+    "snapshots_too_many_past_eof": ("snapshots", m_snapshots_too_many_past_eof),
+    "snapshot_extra_too_large": ("snapshots", m_snapshot_extra_too_large),
+    "snapshot_extra_huge": ("snapshots", m_snapshot_extra_huge),
+    "snapshot_incomplete": ("snapshots", m_snapshot_incomplete),
+    "snapshot_table_past_eof": ("snapshots", m_snapshot_table_past_eof),
+    "snapshot_table_unaligned": ("snapshots", m_snapshot_table_unaligned),
+    "snapshot_l1_unaligned": ("snapshots", m_snapshot_l1_unaligned),
+    "snapshot_l1_too_large": ("snapshots", m_snapshot_l1_too_large),
+    "snapshot_l1_past_eof": ("snapshots", m_snapshot_l1_past_eof),
+    "snapshot_shared_refcount_low": ("snapshots", m_snapshot_shared_refcount_low),
+    "snapshot_leak": ("snapshots", m_leak_cluster),
 }
 
 

@@ -778,41 +778,111 @@ class Checker:
         return res
 
     # ---- snapshot table (qcow2_check_read_snapshot_table) -------------------------------
-    def read_snapshot_table(self) -> None:
+    def read_snapshot_table(self, res: dict) -> None:
+        """qcow2_check_read_snapshot_table(): check mode opened the image without its
+        snapshot table; read it here, repairing what can be repaired with -r all (the
+        snapshot count in the header at once, the rest in fix_snapshot_table())."""
         s = self.s
-        from .snapshot import read_snapshots
+        from .snapshot import NB_AND_OFFSET, NB_ONLY, OFS_NB_SNAPSHOTS, read_table
         from ....errors import InvalidImage
-        raw = self._read(60, 12)
-        nb, off = struct.unpack(">IQ", raw)
+        try:
+            raw = self._read(OFS_NB_SNAPSHOTS, NB_AND_OFFSET.size)
+        except BlockError as e:
+            res["check-errors"] += 1
+            self.msg("ERROR failed to read the snapshot table pointer from the image "
+                     "header: %s" % os.strerror(e.errno or errno.EIO))
+            raise _fail(e.errno or errno.EIO) from None
+        nb, off = NB_AND_OFFSET.unpack(raw)
+        nb_reduced = 0
+        if nb > QCOW_MAX_SNAPSHOTS and self.fix & FIX_ERRORS:
+            self.msg("Discarding %d overhanging snapshots" % (nb - QCOW_MAX_SNAPSHOTS))
+            nb_reduced += nb - QCOW_MAX_SNAPSHOTS
+            nb = QCOW_MAX_SNAPSHOTS
         err = None
         if nb > QCOW_MAX_SNAPSHOTS:
             err, text = errno.EFBIG, "snapshot table too large"
         elif INT64_MAX - nb * SNAPSHOT_HEADER.size < off or off & (s.cluster_size - 1):
             err, text = errno.EINVAL, "snapshot table offset invalid"
         if err:
-            self.res["check-errors"] += 1
+            res["check-errors"] += 1
             error_report("ERROR " + text)
             if nb > QCOW_MAX_SNAPSHOTS:
                 self.msg("You can force-remove all %d overhanging snapshots with qemu-img "
                          "check -r all" % (nb - QCOW_MAX_SNAPSHOTS))
-            s.snapshots_offset = 0
-            s.nb_snapshots = 0
-            s.snapshots, s.snapshots_size = [], 0
+            self._forget_snapshot_table()
             raise _fail(err)
         s.snapshots_offset, s.nb_snapshots = off, nb
         try:
-            s.snapshots, s.snapshots_size = read_snapshots(s.file, off, nb, s.total_size)
+            table = read_table(s.file, off, nb, s.total_size, bool(self.fix & FIX_ERRORS),
+                               self.msg)
         except InvalidImage as e:
-            self.res["check-errors"] += 1
+            res["check-errors"] += 1
             error_report("ERROR failed to read the snapshot table: %s" % e)
-            s.snapshots, s.snapshots_size = [], 0
-            s.nb_snapshots = 0
+            if e.hint:
+                sys.stderr.write(e.hint)
+                sys.stderr.flush()
+            self._forget_snapshot_table()
             raise _fail(e.errno or errno.EINVAL) from None
+        s.snapshots, s.snapshots_size = table.snapshots, table.size
+        s.nb_snapshots = len(table.snapshots)
+        nb_reduced += table.nb_reduced
+        res["corruptions"] += nb_reduced + table.extra_dropped
+        if nb_reduced:
+            # the header must agree with nb_snapshots before the refcounts are checked;
+            # the discarded snapshots' clusters become leaks, which that check frees
+            try:
+                s.file.pwrite(OFS_NB_SNAPSHOTS, NB_ONLY.pack(s.nb_snapshots))
+                s.file.flush()
+            except BlockError as e:
+                res["check-errors"] += 1
+                self.msg("ERROR failed to update the snapshot count in the image header: %s"
+                         % os.strerror(e.errno or errno.EIO))
+                raise _fail(e.errno or errno.EIO) from None
+            s.header.nb_snapshots = s.nb_snapshots
+            res["corruptions-fixed"] += nb_reduced
+            res["corruptions"] -= nb_reduced
+        if s.version >= 3:
+            # every v3 entry needs vm_state_size_large and disk_size
+            tag = "Repairing" if self.fix & FIX_ERRORS else "ERROR"
+            for i, sn in enumerate(s.snapshots):
+                if sn.extra_data_size < 16:
+                    res["corruptions"] += 1
+                    self.msg("%s snapshot table entry %d is incomplete" % (tag, i))
+
+    def _forget_snapshot_table(self) -> None:
+        """The table was not read: nothing of it may be used."""
+        s = self.s
+        s.snapshots_offset = s.nb_snapshots = s.snapshots_size = 0
+        s.snapshots = []
+
+    def fix_snapshot_table(self, res: dict) -> None:
+        """qcow2_check_fix_snapshot_table(): rewrite a table that had repairable errors
+        (after the refcounts were checked, as this allocates clusters)."""
+        if not (res["corruptions"] and self.fix & FIX_ERRORS):
+            return
+        from .snapshot import write_snapshots
+        try:
+            write_snapshots(self.s)
+        except BlockError as e:
+            res["check-errors"] += 1
+            self.msg("ERROR failed to update snapshot table: %s"
+                     % os.strerror(e.errno or errno.EIO))
+            raise _fail(e.errno or errno.EIO) from None
+        res["corruptions-fixed"] += res["corruptions"]
+        res["corruptions"] = 0
 
     def run(self) -> dict:
-        """qcow2_co_check_locked()."""
+        """qcow2_co_check_locked(): snapshot table, refcounts, snapshot table repair;
+        the two partial results are added up as qcow2_add_check_result() does."""
         s = self.s
-        if getattr(s, "check_mode", False):
-            self.read_snapshot_table()
-        self.check_refcounts()
+        snapshot_res = _new_res()
+        try:
+            if getattr(s, "check_mode", False):
+                self.read_snapshot_table(snapshot_res)
+            self.check_refcounts()
+            self.fix_snapshot_table(snapshot_res)
+        finally:
+            for key in ("corruptions", "leaks", "check-errors", "corruptions-fixed",
+                        "leaks-fixed"):
+                self.res[key] += snapshot_res[key]
         return self.res

@@ -30,7 +30,7 @@ from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCA
                      SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
 from .refcount import RefcountMixin
 from .bitmap import Qcow2BitmapMixin
-from .snapshot import read_snapshots
+from .snapshot import Qcow2SnapshotMixin, read_snapshots
 from . import overlap as OL
 from ...base import bool_option
 
@@ -77,7 +77,8 @@ RUNTIME_OPTS = ("lazy-refcounts", "pass-discard-request", "pass-discard-snapshot
 
 
 
-class Qcow2Driver(Qcow2BitmapMixin, RefcountMixin, ClusterMixin, BlockDriver):
+class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMixin,
+                  BlockDriver):
     info = DriverInfo("qcow2", DriverKind.FORMAT, supports_backing=True,
                       create_opts=CREATE_OPTS)
     FILENAME_FROM_FILE = ("qcow2",)

@@ -412,8 +412,11 @@ class RefcountMixin:
             self.update_refcount(offset, size, 1, True, dtype)
         except CorruptImage:
             raise
-        except BlockError:
-            pass
+        except BlockError as e:
+            import os
+            import sys
+            print("qcow2_free_clusters failed: %s" % os.strerror(e.errno or errno.EIO),
+                  file=sys.stderr)
 
     def free_any_cluster(self, l2_entry: int, dtype: int) -> None:
         """qcow2_free_any_cluster()."""
