@@ -5,7 +5,8 @@
     --chardev socket,id=ID,path=P|host=H,port=N[,server=on][,wait=off]
     --monitor [chardev=]ID[,mode=control]
     --device id=ID[,drive=NODE][,removable=on|off][,read-only=on|off][,locked=on|off]
-             [,share-rw=on|off]            (ours: a guest-device-like backend)
+             [,share-rw=on|off][,stats-intervals.N=SECONDS]...
+                                           (ours: a guest-device-like backend)
     --pidfile PATH, --daemonize, -T/--trace (ignored), -h/--help, -V/--version
     --nbd-server, --export                 accepted, refused: not yet supported
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import sys
 
 from .. import QEMU_VERSION, __version__
@@ -47,7 +49,7 @@ QEMU storage daemon
                          once startup is complete
 
   --device id=<id>[,drive=<node-name>][,removable=on|off][,read-only=on|off]
-           [,locked=on|off][,share-rw=on|off]
+           [,locked=on|off][,share-rw=on|off][,stats-intervals.N=<seconds>]
                          create a device-like block backend (blockengine)
 
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
@@ -485,19 +487,23 @@ class Daemon:
         from ..qmp.commands.devices import create_device
         props = keyval_parse(arg)
         for key in props:
-            if key not in ("id", "drive", "removable", "read-only", "locked", "share-rw"):
+            if key not in ("id", "drive", "removable", "read-only", "locked", "share-rw",
+                           "stats-intervals"):
                 raise OptionFailure("Parameter '%s' is unexpected" % key)
         dev_id = props.get("id")
         if dev_id is None:
             raise OptionFailure("Parameter 'id' is missing")
         flags = {k: _bool(props.get(k, "off"), k)
                  for k in ("removable", "read-only", "locked", "share-rw")}
+        intervals = _stats_intervals(props.get("stats-intervals", []))
         try:
-            create_device(self.graph, dev_id, props.get("drive"),
-                          removable=flags["removable"], read_only=flags["read-only"],
-                          locked=flags["locked"], share_rw=flags["share-rw"])
+            blk = create_device(self.graph, dev_id, props.get("drive"),
+                                removable=flags["removable"], read_only=flags["read-only"],
+                                locked=flags["locked"], share_rw=flags["share-rw"])
         except BlockError as e:
             raise OptionFailure(str(e)) from None
+        for seconds in intervals:
+            blk.stats.add_interval(seconds)
 
     def opt_nbd_server(self, arg: str) -> None:
         raise OptionFailure("--nbd-server is not yet supported by blockengine")
@@ -546,6 +552,25 @@ class Daemon:
                 except OSError:
                     pass
         return 0
+
+
+_UINT = re.compile(r"\s*\+?[0-9]+\Z", re.ASCII)     # parse_uint_full(), base 10
+
+
+def _stats_intervals(value) -> list[int]:
+    """-drive's stats-intervals.N=SECONDS as blockdev.c parses them: the lengths (1 to
+    UINT_MAX seconds) of the intervals query-blockstats reports timed_stats for."""
+    if isinstance(value, dict):
+        raise OptionFailure("Invalid option stats-intervals.%s" % next(iter(value)))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise OptionFailure("The specification of stats-intervals is invalid")
+    lengths = []
+    for text in value:
+        length = int(text) if _UINT.match(text) else 0
+        if not 0 < length <= 0xFFFFFFFF:
+            raise OptionFailure("Invalid interval length: %s" % text)
+        lengths.append(length)
+    return lengths
 
 
 def _bool(text: str, name: str) -> bool:

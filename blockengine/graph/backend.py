@@ -24,54 +24,65 @@ def _now_ns() -> int:
 
 
 class TimedAverage:
-    """QEMU's TimedAverage: min/max/avg over the last ``period`` seconds.
+    """QEMU's TimedAverage (util/timed-average.c): min/max/avg/sum over about
+    ``period_s`` seconds.
 
-    Two windows overlap by half a period; queries read the older, fuller one.
+    Two windows of 4/3 of the period, offset by half of that, both account every value;
+    queries read the older one, so their values span between 2/3 and 4/3 of the period.
+    ``clock_ns`` is the time source (QEMU_CLOCK_REALTIME: monotonic nanoseconds).
     """
 
-    def __init__(self, period_s: int):
-        self.period_ns = period_s * 1_000_000_000
-        now = _now_ns()
-        self.windows = [self._window(now), self._window(now + self.period_ns // 2)]
-        self.windows[1]["expires"] = now + self.period_ns // 2
+    def __init__(self, period_s: int, clock_ns=None):
+        self.clock_ns = clock_ns or _now_ns
+        now = self.clock_ns()
+        self.period_ns = period_s * 1_000_000_000 * 4 // 3
+        self.current = 0
+        self.windows = [self._window(now + self.period_ns // 2),
+                        self._window(now + self.period_ns)]
 
-    def _window(self, now: int) -> dict:
-        return {"min": None, "max": 0, "sum": 0, "count": 0, "expires": now + self.period_ns}
+    @staticmethod
+    def _window(expires: int) -> dict:
+        return {"min": None, "max": 0, "sum": 0, "count": 0, "expires": expires}
 
-    def _rotate(self, now: int) -> None:
+    def _check_expirations(self) -> int:
+        """check_expirations(): reset expired windows; returns the time elapsed in the
+        current (oldest) window."""
+        now = self.clock_ns()
         for i, w in enumerate(self.windows):
-            if now >= w["expires"]:
-                expires = w["expires"]
-                while expires <= now:
-                    expires += self.period_ns
-                self.windows[i] = self._window(now)
-                self.windows[i]["expires"] = expires
+            if w["expires"] <= now:
+                # next expiration on the window's own period grid
+                self.windows[i] = self._window(
+                    now + self.period_ns - (now - w["expires"]) % self.period_ns)
+        self.current = 0 if self.windows[0]["expires"] < self.windows[1]["expires"] else 1
+        return self.period_ns - (self.windows[self.current]["expires"] - now)
 
     def account(self, value: int) -> None:
-        self._rotate(_now_ns())
+        self._check_expirations()
         for w in self.windows:
             w["min"] = value if w["min"] is None else min(w["min"], value)
             w["max"] = max(w["max"], value)
             w["sum"] += value
             w["count"] += 1
 
-    def current(self) -> dict:
-        self._rotate(_now_ns())
-        w = min(self.windows, key=lambda w: w["expires"])
-        return w
+    def _current(self) -> dict:
+        self._check_expirations()
+        return self.windows[self.current]
 
     def min(self) -> int:
-        return self.current()["min"] or 0
+        w = self._current()
+        return 0 if w["min"] is None else w["min"]
 
     def max(self) -> int:
-        return self.current()["max"]
+        return self._current()["max"]
 
     def avg(self) -> int:
-        w = self.current()
+        w = self._current()
         return w["sum"] // w["count"] if w["count"] else 0
 
-    def sum(self) -> int:
-        return self.current()["sum"]
+    def sum_and_elapsed(self) -> tuple[int, int]:
+        """timed_average_sum(): the current window's sum and how long it has run."""
+        elapsed = self._check_expirations()
+        return self.windows[self.current]["sum"], elapsed
 
 
 class BlockAcctStats:
@@ -163,9 +174,10 @@ class BlockAcctStats:
             out[f"min_{kind}_latency_ns"] = a.min()
             out[f"max_{kind}_latency_ns"] = a.max()
             out[f"avg_{kind}_latency_ns"] = a.avg()
-        period = seconds * 1_000_000_000
-        out["avg_rd_queue_depth"] = avgs["rd"].sum() / period
-        out["avg_wr_queue_depth"] = avgs["wr"].sum() / period
+        for kind in ("rd", "wr"):
+            # block_acct_queue_depth(): latency summed over the window's time so far
+            total, elapsed = avgs[kind].sum_and_elapsed()
+            out[f"avg_{kind}_queue_depth"] = total / elapsed
         return out
 
 
