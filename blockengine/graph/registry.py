@@ -15,6 +15,7 @@ _DRIVERS = {
     "blkdebug": "blockengine.drivers.filter.blkdebug:BlkdebugDriver",
     "crash-inject": "blockengine.drivers.filter.crash_inject:CrashInjectDriver",
     "copy-before-write": "blockengine.drivers.filter.copy_before_write:CopyBeforeWriteDriver",
+    "copy-on-read": "blockengine.drivers.filter.copy_on_read:CopyOnReadDriver",
     "qcow2": "blockengine.drivers.format.qcow2.driver:Qcow2Driver",
     "quorum": "blockengine.drivers.filter.quorum:QuorumDriver",
     "luks": "blockengine.drivers.format.luks:LuksDriver",

@@ -1,21 +1,25 @@
 """stream (block/stream.c): pull the data of the backing chain between a node and
 ``base`` up into the node, then make ``base`` its backing file.
 
-The job walks the image; a range already allocated in the top node is skipped, a
-range allocated in an intermediate image is read through the top and written into it
-(copy-on-read).  Each copy happens under the top node's lock after re-checking the
-allocation, so a guest write to the same range either lands before (the range is then
-allocated and skipped) or after (and overwrites the copied old data): never lost.
+As QEMU 7.2 does, the job inserts a ``copy-on-read`` filter above the top node (named
+by ``filter-node-name``, else implicit) with ``bottom`` the lowest intermediate image,
+and walks the image: a range already allocated in the top node is skipped, a range
+allocated in an intermediate image is read through the filter, which copies it into
+the top (drivers/filter/copy_on_read.py).  Each copy happens under the top node's lock
+after re-checking the allocation, so a guest write to the same range either lands
+before (the range is then allocated and skipped) or after (and overwrites the copied
+old data): never lost.  Guest reads through the filter copy on read as well.
 On success the top's backing edge moves to ``base`` (the image header records
 ``backing-file``/base's filename through ``drv.change_backing_file`` when the format
 has it) and the intermediate images leave the graph.
 """
 from __future__ import annotations
 
+from ..drivers.filter.common import drop_filter
 from ..errors import BlockError
 from ..graph.child import ChildRole
+from ..graph.node import BlockNode
 from ..graph.perms import Perm
-from .block_copy import CopyBuffer
 from .job import Job
 from .mirror import JobBackend
 
@@ -46,7 +50,7 @@ class StreamJob(Job):
 
     def __init__(self, graph, job_id, top, base=None, *, backing_file: str | None = None,
                  on_error: str = "report", speed: int = 0, auto_finalize: bool = True,
-                 auto_dismiss: bool = True, bottom=None):
+                 auto_dismiss: bool = True, bottom=None, filter_node_name: str | None = None):
         self.top, self.base = top, base
         self.backing_file = backing_file
         self.on_error_policy = on_error
@@ -56,21 +60,67 @@ class StreamJob(Job):
             stop = chain.index(bottom) + 1
             self.base = chain[stop] if stop < len(chain) else None
         self.intermediates = chain[1:stop]
-        super().__init__(graph, job_id, top, speed=speed, auto_finalize=auto_finalize,
-                         auto_dismiss=auto_dismiss, on_error=on_error)
+        # the lowest image whose data is pulled up (QEMU's base_overlay)
+        base_overlay = self.intermediates[-1] if self.intermediates else top
+        self.cor = self._insert_filter(graph, filter_node_name, base_overlay)
+        try:
+            super().__init__(graph, job_id, self.cor, speed=speed,
+                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+                             on_error=on_error)
+        except BaseException:
+            self._drop_filter()
+            raise
         try:
             with graph.lock:
-                blk = JobBackend(graph, self, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
-                                 Perm.all())
+                blk = JobBackend(graph, self, Perm(0), Perm.all())
+                blk.insert(self.cor)
+                self.add_backend(blk)
+                # "active node": no resize, no graph changes below us while we run
+                blk = JobBackend(graph, self, Perm(0),
+                                 Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE)
                 blk.insert(top)
                 self.add_backend(blk)
+                self.block_node(self.cor)
                 self.block_node(top)
                 for n in self.intermediates:
                     self.block_node(n)
         except BaseException:
+            self._drop_filter()
             self._release()
             self.early_fail()
             raise
+
+    def _insert_filter(self, graph, node_name: str | None, bottom) -> BlockNode:
+        """stream_start(): a copy-on-read filter above top (bdrv_insert_node)."""
+        opts = {"driver": "copy-on-read", "file": self.top.node_name,
+                "bottom": bottom.node_name}
+        if node_name is not None:
+            opts["node-name"] = node_name
+        with graph.lock:
+            try:
+                cor = graph.open_node(opts)
+            except BlockError as e:
+                raise type(e)("Could not create node: %s" % e) from e
+            cor.monitor_owned = False
+            cor.implicit = node_name is None
+            try:
+                graph.insert_filter(cor, self.top)
+            except BlockError as e:
+                graph.nodes.pop(cor.node_name, None)
+                graph._close(cor)
+                raise type(e)("Could not replace node: %s" % e) from e
+        return cor
+
+    def _drop_filter(self) -> None:
+        cor, self.cor = self.cor, None
+        if cor is None:
+            return
+        for blk in getattr(self, "_backends", ()):      # none if the job was refused
+            blk.remove()
+        with self.graph.lock:
+            drop_filter(self.graph, cor)
+            if not cor.parents:
+                self.graph._close(cor)      # and let go of top
 
     def run(self) -> None:
         top = self.top
@@ -79,22 +129,24 @@ class StreamJob(Job):
         size = top.total_size
         self.progress_set_remaining(size)
         backing = top.backing
-        buffer = CopyBuffer(CHUNK)
+        cor = self.cor.drv
         first_error = None
         pos = 0
         while pos < size:
             self.pause_point()
             n = min(CHUNK, size - pos)
             try:
-                with top.lock:
-                    allocated, n = top.is_allocated_above(pos, n, backing)
+                allocated, n = top.is_allocated_above(pos, n, backing)
+                n = max(1, n)
+                copy = False
+                if not allocated and backing is not None and backing is not self.base:
+                    copy, n = backing.is_allocated_above(pos, n, self.base)
                     n = max(1, n)
-                    copy = False
-                    if not allocated and backing is not None and backing is not self.base:
-                        copy, n = backing.is_allocated_above(pos, n, self.base)
-                        n = max(1, n)
-                    if copy:
-                        top.pwrite(pos, buffer.read(top, pos, n))
+                if copy:
+                    # stream_populate(): a prefetching read through the filter copies
+                    # the data up (re-checked under top's lock, so a guest write to
+                    # the range either lands first and is kept, or overwrites the copy)
+                    cor.prefetch(pos, n)
             except BlockError as e:
                 # stream_run(): stop retries, ignore skips the chunk but fails the job
                 # at the end (the backing chain is then left alone), report fails now
@@ -112,3 +164,7 @@ class StreamJob(Job):
     def prepare(self) -> None:
         if self.intermediates:
             change_backing(self.graph, self.top, self.base, self.backing_file)
+
+    def clean(self) -> None:
+        """stream_clean(): the filter goes, whatever the outcome."""
+        self._drop_filter()

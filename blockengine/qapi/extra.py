@@ -38,6 +38,7 @@ ENUMS = {
                 'snapshot-load', 'snapshot-save', 'snapshot-delete'],
     'JobStatus': ['undefined', 'created', 'running', 'paused', 'ready', 'standby',
                   'waiting', 'pending', 'aborting', 'concluded', 'null'],
+    'MirrorCopyMode': ['background', 'write-blocking'],
     # blockdev-create (QEMU 7.2's block-core.json and crypto.json)
     'BlockdevQcow2Version': ['v2', 'v3'],
     'Qcow2CompressionType': ['zlib', 'zstd'],
@@ -75,6 +76,8 @@ STRUCTS = {
     'JobInfo': {'data': {'id': 'str', 'type': 'JobType', 'status': 'JobStatus',
                          'current-progress': 'int', 'total-progress': 'int',
                          '*error': 'str'}},
+    'BlockdevOptionsCor': {'base': 'BlockdevOptionsGenericFormat',
+                           'data': {'*bottom': 'str'}},
     # blockdev-create (QEMU 7.2)
     'QCryptoBlockOptionsQCow': {'data': {'*key-secret': 'str'}},
     'QCryptoBlockOptionsLUKS': {'data': {'*key-secret': 'str'}},
@@ -221,21 +224,25 @@ _BACKUP_7_2 = {'*bitmap-mode': 'BitmapSyncMode', '*filter-node-name': 'str'}
 # values QEMU 7.2 added to block-core enums
 ENUM_ADDITIONS = {
     'MirrorSyncMode': ['bitmap'],
+    'BlockdevDriver': ['copy-on-read'],
 }
 
 MEMBER_UPDATES = {
+    'UNIONS': {
+        'BlockdevOptions': {'copy-on-read': 'BlockdevOptionsCor'},
+    },
     'STRUCTS': {
         'BlockDirtyBitmapAdd': {'*persistent': 'bool', '*disabled': 'bool'},
         'BlockdevOptionsGenericCOWFormat': {'*backing': 'BlockdevRefOrNull'},
         'DriveBackup': {**_JOB_AUTO, **_BACKUP_7_2},
         'BlockdevBackup': {**_JOB_AUTO, **_BACKUP_7_2, '*bitmap': 'str'},
-        'DriveMirror': _JOB_AUTO,
+        'DriveMirror': {**_JOB_AUTO, '*copy-mode': 'MirrorCopyMode'},
     },
     'COMMANDS': {
         'block-stream': {**_JOB_AUTO, '*bottom': 'str', '*filter-node-name': 'str'},
         'block-commit': {**_JOB_AUTO, '*base-node': 'str', '*top-node': 'str',
                          '*on-error': 'BlockdevOnError'},
-        'blockdev-mirror': _JOB_AUTO,
+        'blockdev-mirror': {**_JOB_AUTO, '*copy-mode': 'MirrorCopyMode'},
         'query-named-block-nodes': {'*flat': 'bool'},
     },
 }

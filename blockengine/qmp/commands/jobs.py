@@ -21,9 +21,10 @@ from ...jobs.stream import StreamJob
 
 # ---- lookups ----------------------------------------------------------------------------
 def _root_bs(ctx, name: str) -> BlockNode:
-    """qmp_get_root_bs()."""
+    """qmp_get_root_bs(): a node some job holds is not a root either (in QEMU the job is
+    one of its parents, a child_job edge)."""
     node = ctx.graph.lookup_node(name, name)
-    if any(isinstance(c.parent, BlockNode) for c in node.parents):
+    if node.op_blockers or any(isinstance(c.parent, BlockNode) for c in node.parents):
         raise BlockError("Need a root block node")
     return node
 
