@@ -68,6 +68,8 @@ _API_NAMES = (
     "bitmap_next_set", "bitmap_next_clear", "bitmap_next_dirty_area",
     "bitmap_merge_or", "bitmap_serialize", "bitmap_deserialize",
     "buffer_is_zero", "zero_runs",
+    "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
+    "xor_into",
 )
 
 
@@ -354,6 +356,67 @@ def _build_api(ffi, lib) -> SimpleNamespace:
         except OverflowError:
             return _py.zero_runs(buf, granularity)
 
+    # ---- sector crypto (native/crypto.c): the length arguments come first in
+    # the Python API, the C functions take each buffer with its size.
+    def sector_ivs(out, first_sector, count, width):
+        try:
+            o = wbuf(out)
+            rc = lib.be_sector_ivs(o, len(o), first_sector, count, width)
+        except OverflowError:
+            return _py.sector_ivs(out, first_sector, count, width)
+        if rc < 0:
+            fail(rc, "sector_ivs")
+
+    def xts_xor(dst, src, length, tweaks, sector_size):
+        try:
+            d, s, t = wbuf(dst), from_buffer("uint8_t[]", src), from_buffer("uint8_t[]", tweaks)
+            rc = lib.be_xts_xor(d, len(d), s, len(s), length, t, len(t), sector_size)
+        except OverflowError:
+            return _py.xts_xor(dst, src, length, tweaks, sector_size)
+        if rc < 0:
+            fail(rc, "xts_xor")
+
+    def cbc_decrypt_xor(dst, decrypted, ciphertext, length, ivs, sector_size):
+        try:
+            d = wbuf(dst)
+            p = from_buffer("uint8_t[]", decrypted)
+            c = from_buffer("uint8_t[]", ciphertext)
+            iv = from_buffer("uint8_t[]", ivs)
+            rc = lib.be_cbc_decrypt_xor(d, len(d), p, len(p), c, len(c), length,
+                                        iv, len(iv), sector_size)
+        except OverflowError:
+            return _py.cbc_decrypt_xor(dst, decrypted, ciphertext, length, ivs, sector_size)
+        if rc < 0:
+            fail(rc, "cbc_decrypt_xor")
+
+    def cbc_encrypt_step(out, plain, length, lanes, sector_size, block):
+        try:
+            o, p, ln = wbuf(out), from_buffer("uint8_t[]", plain), wbuf(lanes)
+            rc = lib.be_cbc_encrypt_step(o, len(o), p, len(p), length, ln, len(ln),
+                                         sector_size, block)
+        except OverflowError:
+            return _py.cbc_encrypt_step(out, plain, length, lanes, sector_size, block)
+        if rc < 0:
+            fail(rc, "cbc_encrypt_step")
+
+    def ctr_counters(out, length, ivs, sector_size):
+        try:
+            o, iv = wbuf(out), from_buffer("uint8_t[]", ivs)
+            rc = lib.be_ctr_counters(o, len(o), length, iv, len(iv), sector_size)
+        except OverflowError:
+            return _py.ctr_counters(out, length, ivs, sector_size)
+        if rc < 0:
+            fail(rc, "ctr_counters")
+
+    def xor_into(dst, src, length):
+        try:
+            d, s = wbuf(dst), from_buffer("uint8_t[]", src)
+            rc = lib.be_xor(d, len(d), s, len(s), length)
+        except OverflowError:
+            return _py.xor_into(dst, src, length)
+        if rc < 0:
+            fail(rc, "xor_into")
+
     scope = locals()
     api = SimpleNamespace(**{name: scope[name] for name in _API_NAMES})
     for name in _API_NAMES:
@@ -409,4 +472,10 @@ bitmap_serialize = _impl.bitmap_serialize
 bitmap_deserialize = _impl.bitmap_deserialize
 buffer_is_zero = _impl.buffer_is_zero
 zero_runs = _impl.zero_runs
+sector_ivs = _impl.sector_ivs
+xts_xor = _impl.xts_xor
+cbc_decrypt_xor = _impl.cbc_decrypt_xor
+cbc_encrypt_step = _impl.cbc_encrypt_step
+ctr_counters = _impl.ctr_counters
+xor_into = _impl.xor_into
 del _impl

@@ -69,6 +69,8 @@ __all__ = [
     "bitmap_next_set", "bitmap_next_clear", "bitmap_next_dirty_area",
     "bitmap_merge_or", "bitmap_serialize", "bitmap_deserialize",
     "buffer_is_zero", "zero_runs",
+    "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
+    "xor_into",
 ]
 
 
@@ -592,3 +594,115 @@ def zero_runs(buf, granularity: int) -> list[tuple[int, int, bool]]:
     if cur_len:
         runs.append((cur_start, cur_len, cur_zero))
     return runs
+
+
+# ------------------------------------------------------------ sector crypto
+# The byte shuffling around bulk AES-ECB calls (native/crypto.c has the theory):
+# IVs and tweaks are 16 bytes per sector, sector k of a buffer is bytes
+# [k * sector_size, (k + 1) * sector_size); ``length`` and ``sector_size`` must be
+# multiples of 16 (ValueError).  A destination may be the same buffer as a source.
+_BLK = 16
+_U128_MAX = (1 << 128) - 1
+
+
+def _check_sectors(length: int, sector_size: int, *limits: int) -> None:
+    """ValueError for a bad geometry, IndexError when a buffer is too small:
+    ``limits`` are (bytes available for the data..., IVs available)."""
+    if sector_size <= 0 or sector_size % _BLK or length % _BLK:
+        raise ValueError("length and sector_size must be multiples of 16")
+    *data_limits, n_ivs = limits
+    if length < 0 or any(length > lim for lim in data_limits) \
+            or -(-length // sector_size) > n_ivs:
+        raise IndexError(f"{length} bytes of sectors do not fit the buffers")
+
+
+def sector_ivs(out, first_sector: int, count: int, width: int) -> None:
+    """Write ``count`` 16-byte IVs to ``out``: sector ``first_sector + i``
+    (modulo 2**64) little-endian, truncated to ``width`` bytes (4: plain,
+    8: plain64), zero padded."""
+    mv = _bytes_view(out, writable=True)
+    if width not in (4, 8) or count < 0:
+        raise ValueError("width must be 4 or 8 and count >= 0")
+    if count > len(mv) // _BLK:
+        raise IndexError(f"{count} IVs do not fit {len(mv)} bytes")
+    mask = (1 << (8 * width)) - 1
+    mv[:count * _BLK] = b"".join(((first_sector + i) & _U64_MAX & mask).to_bytes(_BLK, "little")
+                                for i in range(count))
+
+
+def xts_xor(dst, src, length: int, tweaks, sector_size: int) -> None:
+    """``dst[:length] = src[:length] ^ T``, where the tweak of block j of sector k
+    is ``tweaks[k] * alpha**j`` in GF(2**128) (IEEE 1619 XTS, little-endian)."""
+    d, s, t = _bytes_view(dst, writable=True), _bytes_view(src), _bytes_view(tweaks)
+    _check_sectors(length, sector_size, len(d), len(s), len(t) // _BLK)
+    out = bytearray(length)
+    for k, start in enumerate(range(0, length, sector_size)):
+        tweak = int.from_bytes(t[k * _BLK:(k + 1) * _BLK], "little")
+        for pos in range(start, min(start + sector_size, length), _BLK):
+            block = int.from_bytes(s[pos:pos + _BLK], "little") ^ tweak
+            out[pos:pos + _BLK] = block.to_bytes(_BLK, "little")
+            tweak <<= 1
+            if tweak >> 128:
+                tweak ^= (1 << 128) | 0x87
+    d[:length] = out
+
+
+def _xor16(a, b) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(_BLK, "little")
+
+
+def cbc_decrypt_xor(dst, decrypted, ciphertext, length: int, ivs, sector_size: int) -> None:
+    """Finish a CBC decryption done as ECB: block j of sector k becomes
+    ``decrypted[j] ^ ciphertext[j - 1]``, or ``^ ivs[k]`` for j == 0."""
+    d = _bytes_view(dst, writable=True)
+    dec, c, iv = _bytes_view(decrypted), _bytes_view(ciphertext), _bytes_view(ivs)
+    _check_sectors(length, sector_size, len(d), len(dec), len(c), len(iv) // _BLK)
+    out = bytearray(length)
+    for pos in range(0, length, _BLK):
+        k = pos // sector_size
+        chain = c[pos - _BLK:pos] if pos % sector_size else iv[k * _BLK:(k + 1) * _BLK]
+        out[pos:pos + _BLK] = _xor16(dec[pos:pos + _BLK], chain)
+    d[:length] = out
+
+
+def cbc_encrypt_step(out, plain, length: int, lanes, sector_size: int, block: int) -> None:
+    """One step of CBC encryption of all sectors at once.  ``lanes`` holds one
+    16-byte block per sector (initially the IVs): for each sector, if block > 0,
+    copy its lane (the encrypted block - 1) to ``out``; then, if block < the
+    blocks per sector, XOR plaintext block ``block`` into the lane.  The caller
+    ECB-encrypts the lanes between steps.  ``length`` must be a multiple of
+    ``sector_size``."""
+    o, p, ln = _bytes_view(out, writable=True), _bytes_view(plain), _bytes_view(lanes, writable=True)
+    blocks = sector_size // _BLK if sector_size > 0 else 0
+    if sector_size > 0 and length % sector_size or not 0 <= block <= blocks:
+        raise ValueError("length must be whole sectors and block within a sector")
+    _check_sectors(length, sector_size, len(o), len(p), len(ln) // _BLK)
+    for k in range(length // sector_size):
+        lane = slice(k * _BLK, (k + 1) * _BLK)
+        base = k * sector_size
+        if block > 0:
+            pos = base + (block - 1) * _BLK
+            o[pos:pos + _BLK] = ln[lane]
+        if block < blocks:
+            pos = base + block * _BLK
+            ln[lane] = _xor16(ln[lane], p[pos:pos + _BLK])
+
+
+def ctr_counters(out, length: int, ivs, sector_size: int) -> None:
+    """Write the CTR counter blocks of ``length`` bytes of sectors: block j of
+    sector k is ``ivs[k] + j`` as a 128-bit big-endian number (as OpenSSL)."""
+    o, iv = _bytes_view(out, writable=True), _bytes_view(ivs)
+    _check_sectors(length, sector_size, len(o), len(iv) // _BLK)
+    for k, start in enumerate(range(0, length, sector_size)):
+        counter = int.from_bytes(iv[k * _BLK:(k + 1) * _BLK], "big")
+        end = min(start + sector_size, length)
+        o[start:end] = b"".join(((counter + j) & _U128_MAX).to_bytes(_BLK, "big")
+                                for j in range((end - start) // _BLK))
+
+
+def xor_into(dst, src, length: int) -> None:
+    """``dst[:length] ^= src[:length]`` (any length)."""
+    d, s = _bytes_view(dst, writable=True), _bytes_view(src)
+    _check_range(0, length, min(len(d), len(s)))
+    d[:length] = (int.from_bytes(d[:length], "little")
+                  ^ int.from_bytes(s[:length], "little")).to_bytes(length, "little")

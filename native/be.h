@@ -141,6 +141,34 @@ int be_buffer_is_zero(const uint8_t *buf, size_t len);
 int64_t be_zero_runs(const uint8_t *buf, size_t len, int64_t start,
                      int64_t granularity, be_zrun *runs, size_t max_runs);
 
+/* --- crypto.c ------------------------------------------------------------ */
+/* Sector-mode glue around bulk AES-ECB calls (see crypto.c).  IVs/tweaks are
+ * 16 bytes per sector; len and sector_size must be multiples of 16 (EINVAL);
+ * dst may be the same buffer as a source. */
+
+/* count IVs of 16 bytes: sector number little-endian, 4 (plain) or 8
+ * (plain64) bytes wide, zero padded. */
+int be_sector_ivs(uint8_t *out, size_t out_len, uint64_t first_sector,
+                  int64_t count, int width);
+int be_xts_xor(uint8_t *dst, size_t dst_len, const uint8_t *src, size_t src_len,
+               size_t len, const uint8_t *tweaks, size_t tweaks_len,
+               size_t sector_size);
+int be_cbc_decrypt_xor(uint8_t *dst, size_t dst_len,
+                       const uint8_t *decrypted, size_t decrypted_len,
+                       const uint8_t *ciphertext, size_t ciphertext_len,
+                       size_t len, const uint8_t *ivs, size_t ivs_len,
+                       size_t sector_size);
+/* len must be a multiple of sector_size; lanes start as the sector IVs. */
+int be_cbc_encrypt_step(uint8_t *out, size_t out_len,
+                        const uint8_t *plain, size_t plain_len, size_t len,
+                        uint8_t *lanes, size_t lanes_len, size_t sector_size,
+                        int64_t block);
+int be_ctr_counters(uint8_t *out, size_t out_len, size_t len,
+                    const uint8_t *ivs, size_t ivs_len, size_t sector_size);
+/* dst[0..len) ^= src[0..len) (any len) */
+int be_xor(uint8_t *dst, size_t dst_len, const uint8_t *src, size_t src_len,
+           size_t len);
+
 /* END CDEF */
 
 /* --- internal helpers shared by the .c files (not part of the cdef) ------ */

@@ -4,10 +4,11 @@ crypto/ivgen*.c, crypto/block.c's sector helpers), implemented with ``cryptograp
 ``SectorCipher`` encrypts or decrypts a buffer made of 512-byte sectors (QEMU's
 qcrypto_block_cipher_{en,de}crypt_helper): each sector gets its own IV from the IV
 generator, computed from its sector number; ECB has no IV and runs on the whole buffer
-in one call.
+in one call.  Whole buffers of sectors are done with bulk AES-ECB calls plus the native
+per-block glue (tweaks, chaining, counters) of ``native/crypto.c`` when it is built:
+see ``SectorCipher``.
 """
 from __future__ import annotations
-
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from ..errors import InvalidArgument, NotSupported
 
 SECTOR_SIZE = 512
+_AUTO = object()    # SectorCipher's default engine choice
 
 # QCryptoCipherAlgorithm names -> key bytes (QEMU's qcrypto_cipher_alg_key_len)
 CIPHER_KEY_LEN = {
@@ -122,6 +124,14 @@ class IVGen:
         out = enc.update(buf) + enc.finalize()
         return [out[i * self.niv:(i + 1) * self.niv] for i in range(count)]
 
+    def fill(self, first: int, count: int, out: bytearray, ops) -> None:
+        """Write the 16-byte IVs of sectors first.. first + count - 1 to ``out``
+        (which has 15 bytes of slack for the essiv ECB call) with the sector_ivs
+        of ``ops`` (a :mod:`blockengine._native` backend); needs niv == 16."""
+        ops.sector_ivs(out, first & 0xFFFFFFFFFFFFFFFF, count, 4 if self.alg == "plain" else 8)
+        if self._essiv is not None:
+            self._essiv.encryptor().update_into(memoryview(out)[:count * 16], out)
+
 
 def essiv_cipher(cipher_alg: str, hash_alg: str) -> str:
     """qcrypto_block_luks_essiv_cipher(): the cipher family keyed by the hash length."""
@@ -135,10 +145,24 @@ def essiv_cipher(cipher_alg: str, hash_alg: str) -> str:
 
 
 class SectorCipher:
-    """A cipher+IV generator over 512-byte sectors (QEMU's QCryptoBlock payload cipher)."""
+    """A cipher+IV generator over 512-byte sectors (QEMU's QCryptoBlock payload cipher).
+
+    Two engines give the same bytes.  The per-sector one makes one ``cryptography``
+    call per sector in the real mode (XTS, CBC, CTR), as QEMU's helper loops; it is
+    the reference, and what BLOCKENGINE_PURE=1 runs.  The bulk one handles a
+    buffer of whole sectors with one or a few AES-ECB calls of ``cryptography``
+    over the whole buffer, and lets the native sector functions
+    (``native/crypto.c``: tweaks, CBC chaining, CTR counters) do the per-block
+    work around them, so no Python runs per sector.  A trailing partial sector
+    always goes through the per-sector engine.
+    """
 
     def __init__(self, alg: str, mode: str, key: bytes, ivgen_alg: str,
-                 ivgen_hash: str | None = None, sector_size: int = SECTOR_SIZE):
+                 ivgen_hash: str | None = None, sector_size: int = SECTOR_SIZE, *,
+                 bulk_ops=_AUTO):
+        """``bulk_ops``: the sector functions for the bulk engine (a
+        :mod:`blockengine._native` backend), None for the per-sector engine; by
+        default the bulk engine when the native module is in use."""
         check_cipher(alg, mode)
         self.sector_size = sector_size
         self.mode = mode
@@ -146,43 +170,108 @@ class SectorCipher:
         self.niv = 0 if mode == "ecb" else 16
         self.ivgen = IVGen(ivgen_alg, self.niv, key, ivgen_hash, alg) if self.niv else None
         self._modecls = {"cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(mode)
-        if mode == "ecb":
-            self._ecb = Cipher(self.algo, modes.ECB())
+        half = len(key) // 2
+        if mode == "xts":       # IEEE 1619: data key, then tweak key
+            self._data_ecb = Cipher(_algorithm(alg, key[:half]), modes.ECB())
+            self._tweak_ecb = Cipher(_algorithm(alg, key[half:]), modes.ECB())
+        else:
+            self._data_ecb = Cipher(self.algo, modes.ECB())
+        if bulk_ops is _AUTO:
+            from .. import _native
+            bulk_ops = _native if _native.BACKEND == "native" else None
+        # OpenSSL refuses XTS encryption with equal key halves: the per-sector
+        # engine keeps that error
+        if mode == "ecb" or sector_size % 16 or (mode == "xts" and key[:half] == key[half:]):
+            bulk_ops = None
+        self._ops = bulk_ops
 
-    def _run(self, sector: int, data: memoryview, encrypt: bool) -> bytearray:
-        """The whole buffer, sector by sector; the result has 15 bytes of slack at the
-        end (cryptography's update_into wants block_size - 1 spare bytes)."""
+    @property
+    def engine(self) -> str:
+        """"bulk" or "per-sector" (which engine whole sectors go through)."""
+        return "per-sector" if self._ops is None else "bulk"
+
+    def encrypt(self, sector: int, data) -> bytearray:
+        return self._crypt(sector, memoryview(data).cast("B"), True)
+
+    def decrypt(self, sector: int, data) -> bytearray:
+        return self._crypt(sector, memoryview(data).cast("B"), False)
+
+    def decrypt_into(self, sector: int, buf: memoryview) -> None:
+        """Decrypt buf in place."""
+        buf = memoryview(buf).cast("B")
+        n = len(buf)
+        whole = self._bulk_length(n)
+        if whole:
+            self._bulk(sector, buf[:whole], None, False)
+        if whole < n:
+            buf[whole:] = self._crypt(sector + whole // self.sector_size, buf[whole:], False)
+
+    def _bulk_length(self, n: int) -> int:
+        """How many leading bytes of an n-byte buffer the bulk engine takes."""
+        return n - n % self.sector_size if self._ops is not None else 0
+
+    def _crypt(self, sector: int, data: memoryview, encrypt: bool) -> bytearray:
         n = len(data)
+        # 15 bytes of slack: cryptography's update_into wants block_size - 1 spare
         out = bytearray(n + 15)
         if self.mode == "ecb":
-            ctx = self._ecb.encryptor() if encrypt else self._ecb.decryptor()
+            ctx = self._data_ecb.encryptor() if encrypt else self._data_ecb.decryptor()
             ctx.update_into(data, out)
-            return out
-        ss = self.sector_size
-        count = -(-n // ss)
-        ivs = self.ivgen.ivs(sector, count)
+        else:
+            whole = self._bulk_length(n)
+            if whole:
+                self._bulk(sector, data[:whole], out, encrypt)
+            if whole < n:
+                self._per_sector(sector + whole // self.sector_size, data[whole:],
+                                 memoryview(out)[whole:], encrypt)
+        del out[n:]
+        return out
+
+    def _per_sector(self, sector: int, data: memoryview, out: memoryview,
+                    encrypt: bool) -> None:
+        """One cryptography call per sector; out has 15 bytes of slack."""
+        n, ss = len(data), self.sector_size
+        ivs = self.ivgen.ivs(sector, -(-n // ss))
         algo, modecls, C = self.algo, self._modecls, Cipher
-        o = memoryview(out)
         s = 0
         for iv in ivs:
             c = C(algo, modecls(iv))
             ctx = c.encryptor() if encrypt else c.decryptor()
             e = min(s + ss, n)
-            ctx.update_into(data[s:e], o[s:e + 15])
+            ctx.update_into(data[s:e], out[s:e + 15])
             s += ss
-        return out
 
-    def encrypt(self, sector: int, data) -> bytearray:
-        out = self._run(sector, memoryview(data).cast("B"), True)
-        del out[len(out) - 15:]
-        return out
-
-    def decrypt(self, sector: int, data) -> bytearray:
-        out = self._run(sector, memoryview(data).cast("B"), False)
-        del out[len(out) - 15:]
-        return out
-
-    def decrypt_into(self, sector: int, buf: memoryview) -> None:
-        """Decrypt buf in place."""
-        n = len(buf)
-        buf[:] = memoryview(self._run(sector, memoryview(buf), False))[:n]
+    def _bulk(self, sector: int, data: memoryview, out: bytearray | None,
+              encrypt: bool) -> None:
+        """Whole sectors of data into out (15 bytes of slack), or in place when
+        out is None, with bulk ECB calls and the native sector functions."""
+        ops, ss, n = self._ops, self.sector_size, len(data)
+        count = n // ss
+        ivs = bytearray(count * 16 + 15)
+        self.ivgen.fill(sector, count, ivs, ops)
+        dst = data if out is None else out
+        scratch = bytearray(n + 15) if out is None else out
+        scratch_n = memoryview(scratch)[:n]
+        if self.mode == "xts":
+            self._tweak_ecb.encryptor().update_into(memoryview(ivs)[:count * 16], ivs)
+            ops.xts_xor(scratch, data, n, ivs, ss)
+            ecb = self._data_ecb.encryptor() if encrypt else self._data_ecb.decryptor()
+            ecb.update_into(scratch_n, scratch)
+            ops.xts_xor(dst, scratch, n, ivs, ss)
+        elif self.mode == "cbc" and not encrypt:
+            self._data_ecb.decryptor().update_into(data, scratch)
+            ops.cbc_decrypt_xor(dst, scratch, data, n, ivs, ss)
+        elif self.mode == "cbc":
+            # block j of every sector at once: the IVs become the running "lanes"
+            ecb, lanes = self._data_ecb.encryptor(), memoryview(ivs)[:count * 16]
+            for block in range(ss // 16):
+                ops.cbc_encrypt_step(dst, data, n, ivs, ss, block)
+                ecb.update_into(lanes, ivs)
+            ops.cbc_encrypt_step(dst, data, n, ivs, ss, ss // 16)
+        else:   # ctr: keystream = ECB of the counter blocks
+            ops.ctr_counters(scratch, n, ivs, ss)
+            self._data_ecb.encryptor().update_into(scratch_n, scratch)
+            if out is None:
+                ops.xor_into(data, scratch, n)
+            else:
+                ops.xor_into(out, data, n)
