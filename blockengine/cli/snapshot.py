@@ -69,12 +69,20 @@ def snapshot_create(node, name: str, date_sec: int, date_nsec: int) -> None:
         target.drv.snapshot_create(name, date_sec, date_nsec)
 
 
-def snapshot_goto(node, snapshot_id: str) -> None:
-    """bdrv_snapshot_goto(); the BlockError carries QEMU's Error message."""
+def snapshot_goto(node, snapshot_id: str, reopened=None) -> None:
+    """bdrv_snapshot_goto(); the BlockError carries QEMU's Error message.
+
+    QEMU closes a node it falls back through and opens its driver again after the
+    child's goto, whatever that gave: ``reopened(node)`` repeats what that open shows."""
     if node.dirty_bitmaps:
         raise BlockError("Device has active dirty bitmaps", errno=errno.EBUSY)
     target = _with_snapshots(node)
     if target is None:
+        fallen = node
+        while _fallback(fallen) is not None:
+            if reopened is not None:
+                reopened(fallen)
+            fallen = _fallback(fallen)
         raise BlockError("Block driver does not support snapshots", errno=errno.ENOTSUP)
     with target.lock:
         try:
@@ -149,8 +157,11 @@ def cmd_snapshot(argv: list[str]) -> int:
                              % (name, -err, os.strerror(err)))
                 failed = True
         elif action == SNAPSHOT_APPLY:
+            def reopened(n):
+                if n is node and n.options.get("x-probed") and n.driver_name == "raw":
+                    Session._probed_raw_warning(img)
             try:
-                snapshot_goto(node, name)
+                snapshot_goto(node, name, reopened)
             except BlockError as e:
                 report.error("Could not apply snapshot '%s': %s" % (name, e))
                 failed = True

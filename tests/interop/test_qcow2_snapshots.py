@@ -9,8 +9,8 @@
 * Random write/create/apply/delete sequences run through the library against a
   model of every snapshot's contents (hypothesis, bounded).
 * A simulated host crash at every write of create, apply and delete leaves an image
-  qemu-img finds without corruption (leaks only), with the active data and every
-  listed snapshot intact.
+  whose only damage is leaked references (`qemu-img check -r leaks` makes it clean),
+  with the active data and every listed snapshot intact.
 """
 from __future__ import annotations
 
@@ -212,10 +212,10 @@ def test_snapshot_unsupported_cases(tmp_path, be_img, case):
             subprocess.run(["qemu-img", "bitmap", "--add", "img.img", "b0"], cwd=d,
                            check=True)
         dirs.append(d)
-    operand = ("json:{\"driver\":\"raw\",\"file\":{\"driver\":\"file\","
-               "\"filename\":\"img.img\"}}" if case == "raw_explicit" else "img.img")
+    operand = (["--image-opts", "driver=raw,file.filename=img.img"]
+               if case == "raw_explicit" else ["img.img"])
     for step in steps[1]:
-        args = ["snapshot", *step.split(), operand]
+        args = ["snapshot", *step.split(), *operand]
         ref = _run(["qemu-img", *args], dirs[0])
         ours = be_img(*args, cwd=dirs[1])
         assert (ours.stderr.decode(), ours.stdout.decode(), ours.returncode) == \
@@ -297,7 +297,7 @@ def _read_all(node) -> list[int]:
 
 
 @pytest.mark.parametrize("opts", ["cluster_size=4096", "cluster_size=4096,refcount_bits=1",
-                                  "cluster_size=8192,extended_l2=on"])
+                                  "cluster_size=16384,extended_l2=on"])
 def test_random_sequences_against_model(tmp_path, image, opts):
     """refcount_bits=1 makes every second reference fail (EINVAL), as in QEMU."""
     src = image("model.qcow2", opts, size=str(NBLOCKS * BLOCK))
@@ -421,18 +421,19 @@ def test_crash_at_every_write(tmp_path, image, op, mode):
     for n in range(1, total + 1):
         img = shutil.copy(base, tmp_path / ("crash%d.qcow2" % n))
         _crash_run(img, op, n, mode, n)
-        if op[0] == "apply":
-            # QEMU's own order: between dropping the old references and recomputing
-            # OFLAG_COPIED a flag may be missing on a cluster whose refcount is 1
-            # again (harmless: one more COW); check reports it and -r all fixes it
-            r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True,
-                               text=True)
-            assert all("OFLAG_COPIED" in line for line in r.stderr.splitlines()
-                       if line.startswith("ERROR")), r.stderr
-            subprocess.run(["qemu-img", "check", "-q", "-r", "all", str(img)],
-                           capture_output=True)
+        # QEMU's order leaves refcounts ahead of OFLAG_COPIED for a moment: create
+        # raises them (flushed) before the flags are cleared, apply and delete drop
+        # them before the flags are set again.  check calls either a corruption, but
+        # the extra references are leaks (the snapshot table does not name them yet,
+        # or any more), so repairing only leaks must leave a clean image.
+        r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+        assert all("OFLAG_COPIED" in line for line in r.stderr.splitlines()
+                   if line.startswith("ERROR")), (n, r.stderr)
+        subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", str(img)],
+                       capture_output=True)
         info = qemu_check(img)
-        assert info.get("corruptions", 0) == 0 and info.get("check-errors", 0) == 0, (n, info)
+        for key in ("corruptions", "leaks", "check-errors"):
+            assert info.get(key, 0) == 0, (n, info)
         listed = [e["name"] for e in json.loads(subprocess.run(
             ["qemu-img", "info", "--output=json", str(img)], capture_output=True,
             check=True).stdout).get("snapshots", [])]
