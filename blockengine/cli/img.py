@@ -8,6 +8,7 @@ convert in ``convert``; image creation in ``create``.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -21,15 +22,15 @@ from .create import create_options, find_format, img_create, option_help
 from .getopt import NO_ARG, REQUIRED_ARG, GetOpt, LongOpt
 from ..info import image_info
 from .imageinfo import (CHECK_FIELDS, FIX_ERRORS, FIX_LEAKS, StatusCursor, image_check,
-                        map_entries)
+                        map_output, ExternalClusters)
 from .opts import (OPT_SIZE, OptDesc, OptionError, OptsSet, cvtnum, has_help_option,
                    is_valid_option_list, parse_int)
 from .output import (MAP_HUMAN_HEADER, Progress, image_check_human, image_info_human,
-                     map_entry_human, map_entry_json, to_json)
+                     to_json)
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512          # BDRV_SECTOR_SIZE (convert.SECTOR; convert loads on first use)
-UNSUPPORTED = ("amend", "bench", "bitmap", "commit", "dd", "measure", "rebase")
+UNSUPPORTED: tuple[str, ...] = ()
 
 
 def version_text() -> str:
@@ -176,32 +177,19 @@ def cmd_map(argv: list[str]) -> int:
             length = min(start + max_length, length)
         out = sys.stdout
         out.write(MAP_HUMAN_HEADER if ofmt == "human" else "[")
-        # entries go out in chunks (stdout may be unbuffered: one write per entry would
-        # cost more than computing it); whatever was produced is written on any exit
-        parts: list[str] = []
-        put = parts.append
+        out.flush()
+        write_bytes = out.buffer.write if hasattr(out, "buffer") else (
+            lambda b: out.write(b.decode(errors="surrogateescape")))
+        # whatever was produced is written on any exit
         try:
-            try:
-                for entry, nxt in map_entries(img.node, start, length,
-                                              human=ofmt == "human"):
-                    if len(parts) >= 4096:
-                        out.write("".join(parts))
-                        parts.clear()
-                    if ofmt == "json":
-                        put(map_entry_json(entry, nxt is None))
-                        continue
-                    if entry.data and entry.offset is None:
-                        out.write("".join(parts))
-                        parts.clear()
-                        raise report.fail("File contains external, encrypted or compressed "
-                                          "clusters.")
-                    if entry.data and not entry.zero:
-                        put(map_entry_human(entry))
-            finally:
-                if parts:
-                    out.write("".join(parts))
+            for chunk in map_output(img.node, start, length, human=ofmt == "human"):
+                write_bytes(chunk)
+        except ExternalClusters:
+            raise report.fail("File contains external, encrypted or compressed clusters.")
         except BlockError as e:
             raise report.fail("Could not read file metadata: %s" % _strerror(e))
+        finally:
+            out.flush()
         if ofmt == "json":
             out.write("]\n")
     finally:
@@ -754,15 +742,22 @@ def _strerror(e: BlockError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-def cmd_snapshot(argv: list[str]) -> int:
-    from .snapshot import cmd_snapshot as img_snapshot     # cli/snapshot.py, on first use
-    return img_snapshot(argv)
+def _own_module(name: str):
+    """A command living in its own module ``cli/<name>.py`` as ``cmd_<name>``, imported
+    when it runs (those modules build on this one)."""
+    def run(argv: list[str]) -> int:
+        module = importlib.import_module("%s.%s" % (__package__, name))
+        return getattr(module, "cmd_" + name)(argv)
+    return run
 
 
 COMMANDS = {
     "check": cmd_check, "compare": cmd_compare, "convert": cmd_convert,
     "create": cmd_create, "info": cmd_info, "map": cmd_map, "resize": cmd_resize,
-    "snapshot": cmd_snapshot,
+    "bench": _own_module("bench"), "bitmap": _own_module("bitmap"),
+    "measure": _own_module("measure"),
+    "commit": _own_module("commit"), "dd": _own_module("dd"), "rebase": _own_module("rebase"),
+    "amend": _own_module("amend"), "snapshot": _own_module("snapshot"),
 }
 
 TOP_LONGOPTS = [("help", NO_ARG, "h"), ("version", NO_ARG, "V"),

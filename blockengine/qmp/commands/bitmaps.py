@@ -68,6 +68,10 @@ def block_dirty_bitmap_merge(ctx, args: dict):
         else:
             _, bm = _lookup(ctx, src["node"], src["name"])
         bitmaps.check_usable(bm, allow_readonly=True)
+        if bm.size != dst.size:            # bdrv_merge_dirty_bitmap()
+            raise InvalidArgument("Bitmaps are of different sizes (destination size is %d, "
+                                  "source size is %d) and can't be merged"
+                                  % (dst.size, bm.size))
         sources.append(bm)
     # every source was checked above, so the merges below cannot fail half-way
     for bm in sources:

@@ -1,0 +1,108 @@
+"""`img bitmap`: persistent dirty bitmaps of an image (qemu-img.c img_bitmap).
+
+Actions run in command-line order through the QMP bitmap commands, exactly as
+qemu-img calls qmp_block_dirty_bitmap_add() & co on the image's node; the first
+failure stops the run, and what the earlier actions did is still stored when the
+image is closed (QEMU's behaviour too).  ``--merge SOURCE`` merges bitmap SOURCE of
+the image itself, or of the ``-b`` image, into the named bitmap.
+"""
+from __future__ import annotations
+
+from ..errors import BlockError
+from ..qmp.commands import bitmaps as qmp_bitmaps
+from . import report
+from .common import Session
+from .img import HELP, IMAGE_OPTS, OBJECT, _cvtnum, parse_args
+from .getopt import NO_ARG, REQUIRED_ARG
+
+ACTIONS = ("add", "remove", "clear", "enable", "disable", "merge")
+LONGOPTS = [HELP, OBJECT, IMAGE_OPTS,
+            *((name, NO_ARG, name) for name in ACTIONS if name != "merge"),
+            ("merge", REQUIRED_ARG, "merge"), ("granularity", REQUIRED_ARG, "g"),
+            ("source-file", REQUIRED_ARG, "b"), ("source-format", REQUIRED_ARG, "F")]
+TARGET, SOURCE = "target", "source"      # the node names the QMP commands look up
+
+
+class _Nodes:
+    """What the QMP commands need of a QMPContext: ``graph.lookup_node``.  qemu-img
+    has its images in one graph; here each Image has its own, so the target and the
+    -b source are looked up under fixed names."""
+
+    def __init__(self, target, source):
+        self.graph = self
+        self._nodes = {TARGET: target.node, SOURCE: (source or target).node}
+
+    def lookup_node(self, device=None, node_name=None):
+        return self._nodes[node_name]
+
+
+def cmd_bitmap(argv: list[str]) -> int:
+    session = Session()
+    fmt = src_fmt = src_filename = None
+    image_opts = False
+    granularity = 0
+    actions: list[tuple[str, str | None]] = []
+    opts, operands = parse_args(argv, ":b:f:F:g:h", LONGOPTS, session)
+    for key, arg in opts:
+        if key == "b":
+            src_filename = arg
+        elif key == "f":
+            fmt = arg
+        elif key == "F":
+            src_fmt = arg
+        elif key == "g":
+            granularity = _cvtnum("granularity", arg)
+        elif key in ACTIONS:
+            actions.append((key, arg))
+        elif key == "image-opts":
+            image_opts = True
+    kinds = {kind for kind, _ in actions}
+    if not actions:
+        raise report.fail("Need at least one of --add, --remove, --clear, --enable, "
+                          "--disable, or --merge")
+    if granularity and "add" not in kinds:
+        raise report.fail("granularity only supported with --add")
+    if src_fmt and not src_filename:
+        raise report.fail("-F only supported with -b")
+    if src_filename and "merge" not in kinds:
+        raise report.fail("Merge bitmap source file only supported with --merge")
+    if len(operands) != 2:
+        raise report.fail("Expecting filename and bitmap name")
+    filename, name = operands
+
+    # no backing chains: the bitmaps live in this image, whatever its contents
+    target = session.open(filename, fmt, image_opts=image_opts, writable=True,
+                          backing=False)
+    source = None
+    try:
+        if src_filename:
+            source = session.open(src_filename, src_fmt, backing=False)
+        ctx = _Nodes(target, source)
+        for kind, merge_source in actions:
+            try:
+                _run(ctx, kind, name, merge_source, granularity)
+            except BlockError as e:
+                raise report.fail("Operation %s on bitmap %s failed: %s" % (kind, name, e),
+                                  hint=e.hint)
+    finally:
+        for img in (source, target):
+            if img is not None:
+                img.close()
+    return 0
+
+
+def _run(ctx: _Nodes, kind: str, name: str, merge_source: str | None,
+         granularity: int) -> None:
+    """One action, as img_bitmap() passes it to the QMP command."""
+    if kind == "add":
+        args = {"node": TARGET, "name": name, "persistent": True}
+        if granularity:
+            args["granularity"] = granularity
+        qmp_bitmaps.block_dirty_bitmap_add(ctx, args)
+    elif kind == "merge":
+        qmp_bitmaps.block_dirty_bitmap_merge(ctx, {
+            "node": TARGET, "target": name,
+            "bitmaps": [{"node": SOURCE, "name": merge_source}]})
+    else:
+        getattr(qmp_bitmaps, "block_dirty_bitmap_" + kind)(ctx, {"node": TARGET,
+                                                                 "name": name})
