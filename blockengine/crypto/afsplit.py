@@ -18,15 +18,15 @@ def _xor(a: bytes, b: bytes) -> bytes:
         len(a), "little")
 
 
-def _diffuse(hash_name: str, data: bytes) -> bytes:
+def _diffuse(hash_name: str, data: bytes, empty: hashes.Hash) -> bytes:
+    """``empty``: a fresh hashes.Hash of hash_name, copied for each piece (cheaper
+    than a new one, which matters over thousands of stripes)."""
     dlen = DIGEST_LEN[hash_name]
-    algo = hash_obj(hash_name)
     out = []
     for i in range(0, len(data), dlen):
-        h = hashes.Hash(algo)
-        h.update((i // dlen).to_bytes(4, "big"))
+        h = empty.copy()
         piece = data[i:i + dlen]
-        h.update(piece)
+        h.update((i // dlen).to_bytes(4, "big") + piece)
         out.append(h.finalize()[:len(piece)])
     return b"".join(out)
 
@@ -35,14 +35,16 @@ def split(hash_name: str, key: bytes, stripes: int) -> bytes:
     n = len(key)
     rnd = os.urandom(n * (stripes - 1))
     d = bytes(n)
+    empty = hashes.Hash(hash_obj(hash_name))
     for i in range(stripes - 1):
-        d = _diffuse(hash_name, _xor(d, rnd[i * n:(i + 1) * n]))
+        d = _diffuse(hash_name, _xor(d, rnd[i * n:(i + 1) * n]), empty)
     return rnd + _xor(d, key)
 
 
 def merge(hash_name: str, material: bytes, key_len: int, stripes: int) -> bytes:
     n = key_len
     d = bytes(n)
+    empty = hashes.Hash(hash_obj(hash_name))
     for i in range(stripes - 1):
-        d = _diffuse(hash_name, _xor(d, material[i * n:(i + 1) * n]))
+        d = _diffuse(hash_name, _xor(d, material[i * n:(i + 1) * n]), empty)
     return _xor(d, material[(stripes - 1) * n:stripes * n])
