@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from ..cli.create import check_create_locks
 from ..drivers.format.luks import driver as luks
 from ..drivers.format.qcow2 import create as qcow2
+from ..drivers.format.vmdk import create as vmdk
 from ..drivers.protocol.file import FileDriver
 from ..errors import InvalidArgument
 from ..graph.backend import BlockBackend
@@ -112,10 +113,43 @@ def create_luks(graph, options: dict) -> None:
         luks.format_node(file_node, _size(options), luks.new_volume(params), params)
 
 
+def create_vmdk(graph, options: dict) -> None:
+    """vmdk_co_create(): 'file' takes the descriptor (and the extent of a monolithic
+    subformat); the extents of the flat and split subformats are 'extents', in order."""
+    size = _size(options)
+    if size % 512:
+        raise InvalidArgument("Image size must be a multiple of 512 bytes")
+    fmt = options.get("subformat", "monolithicSparse")
+    zeroed_grain = options.get("zeroed-grain", False)
+    extents = options.get("extents", [])
+    with contextlib.ExitStack() as opened:
+        def extent_node(extent_size: int, idx: int, flat: bool, split: bool):
+            # vmdk_co_create_cb()
+            if idx == 0:
+                ref = options["file"]
+            elif idx - 1 < len(extents):
+                ref = extents[idx - 1]
+            elif extent_size == -1:
+                return None
+            else:
+                raise InvalidArgument("Extent [%d] not specified" % (idx - 1))
+            if extent_size == -1:
+                return ref
+            node = opened.enter_context(_opened(graph, ref))
+            _check_writable(graph, node)
+            vmdk.init_extent(node, extent_size, flat, fmt == "streamOptimized", zeroed_grain)
+            return node
+
+        vmdk.do_create(size, fmt, options.get("adapter-type", "ide"),
+                       options.get("backing-file"), options.get("hwversion"),
+                       options.get("toolsversion"), False, zeroed_grain, extent_node)
+
+
 CREATORS: dict[str, Callable[[object, dict], None]] = {
     "file": create_file,
     "qcow2": create_qcow2,
     "luks": create_luks,
+    "vmdk": create_vmdk,
 }
 
 

@@ -79,7 +79,8 @@ class IllegalTransition(AssertionError):
 
 # ---- registry ------------------------------------------------------------------------------
 class JobRegistry:
-    """All jobs of a graph, in creation order (query-jobs lists them so)."""
+    """All jobs of a graph.  QEMU prepends new jobs to its list: the listings here
+    (query-jobs, query-block-jobs) go newest first."""
 
     def __init__(self, graph):
         self.graph = graph
@@ -90,11 +91,11 @@ class JobRegistry:
         return self.jobs.get(job_id)
 
     def all_jobs(self) -> list["Job"]:
-        return list(self.jobs.values())
+        return list(reversed(self.jobs.values()))
 
     def block_jobs(self) -> list["Job"]:
         """The block jobs (blockjob.c), without plain jobs such as blockdev-create's."""
-        return [job for job in self.jobs.values() if job.block_job]
+        return [job for job in self.all_jobs() if job.block_job]
 
 
 def jobs_of(graph) -> JobRegistry:

@@ -4,11 +4,12 @@ the job's event sequence and every error, with the texts qemu-storage-daemon 7.2
 (the same cases run side by side against it in tests/qmp/test_side_by_side.py)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 
 from tests.qmp.test_server import Serve, run
 from tests.tooling import require_tool
@@ -68,12 +69,24 @@ class Session:
         return info["error"]
 
 
+async def connect(qmp: QMPClient, path: str) -> None:
+    """Connect, retrying while the socket exists but does not listen yet."""
+    for attempt in range(100):
+        try:
+            await qmp.connect(path)
+            return
+        except ConnectError:
+            if attempt == 99:
+                raise
+            await asyncio.sleep(0.05)
+
+
 def session(serve, test):
     async def go():
         qmp = QMPClient("create-test")
         listener = EventListener("JOB_STATUS_CHANGE")
         qmp.register_listener(listener)
-        await qmp.connect(serve.socks[0])
+        await connect(qmp, serve.socks[0])
         try:
             await test(Session(qmp, listener))
         finally:
@@ -245,6 +258,12 @@ JOB_ERRORS = [
      "No secret with id 'nosuch'"),
     ({"driver": "luks", "file": "ro", "size": MiB, "key-secret": "sec0"},
      "Block node is read-only"),
+    ({"driver": "vmdk", "file": "f0", "size": MiB + 1},
+     "Image size must be a multiple of 512 bytes"),
+    ({"driver": "vmdk", "file": "f0", "size": MiB, "subformat": "monolithicFlat",
+      "zeroed-grain": True}, "Flat image can't enable zeroed grain"),
+    ({"driver": "vmdk", "file": "f0", "size": MiB, "subformat": "twoGbMaxExtentFlat",
+      "backing-file": "b.vmdk"}, "Flat image can't have backing file"),
     ({"driver": "file", "filename": "/nonexistent/x", "size": 1},
      "Could not create '/nonexistent/x': No such file or directory"),
     ({"driver": "file", "filename": "DIR/neg", "size": -1}, "Could not resize file: Invalid argument"),
@@ -301,6 +320,71 @@ def test_job_ids_and_job_commands(serve, tmp_path):
                 "DeviceNotActive", "Block job 'dup' not found")
         assert await s.error("job-cancel", {"id": "dup"}) == (
             "Job 'dup' in state 'concluded' cannot accept command verb 'cancel'")
+        # jobs are listed newest first, as QEMU prepends them
+        await s.execute("blockdev-create", {"job-id": "two", "options": options})
+        while (await s.execute("query-jobs"))[0]["status"] != "concluded":
+            await s.listener.get()
+        assert [j["id"] for j in await s.execute("query-jobs")] == ["two", "dup"]
+        await s.execute("job-dismiss", {"id": "two"})
         await s.execute("job-dismiss", {"id": "dup"})
         assert await s.error("job-dismiss", {"id": "dup"}) == "Job not found"
     session(serve, test)
+
+
+def test_vmdk_subformats(serve, tmp_path):
+    def path(name):
+        return str(tmp_path / name)
+
+    async def test(s: Session):
+        for name in ("mono.vmdk", "stream.vmdk", "flat.vmdk", "flat-ext.vmdk", "split.vmdk",
+                     "s1.vmdk", "s2.vmdk"):
+            await s.create_ok("mk", {"driver": "file", "filename": path(name), "size": 0})
+        for name, node in (("mono.vmdk", "mono"), ("stream.vmdk", "stream"),
+                           ("flat.vmdk", "flat"), ("flat-ext.vmdk", "flat-ext")):
+            await s.execute("blockdev-add", {"driver": "file", "node-name": node,
+                                             "filename": path(name)})
+        await s.create_ok("a", {"driver": "vmdk", "file": "stream", "size": 3 * MiB,
+                                "subformat": "streamOptimized"})
+        await s.create_ok("b", {"driver": "vmdk", "file": "mono", "size": 3 * MiB,
+                                "zeroed-grain": True, "backing-file": "stream.vmdk",
+                                "adapter-type": "buslogic"})
+        await s.create_ok("c", {"driver": "vmdk", "file": "flat", "size": 3 * MiB,
+                                "subformat": "monolithicFlat", "extents": ["flat-ext"]})
+        # split extents of 2 GiB each: two extents for 3 GiB, opened inline
+        await s.create_ok("d", {"driver": "vmdk", "size": 3 << 30,
+                                "file": {"driver": "file", "filename": path("split.vmdk")},
+                                "subformat": "twoGbMaxExtentSparse",
+                                "extents": [{"driver": "file", "filename": path(n)}
+                                            for n in ("s1.vmdk", "s2.vmdk")]})
+        # the descriptor node is formatted first, then the missing extent is found
+        assert await s.create_fails("e", {"driver": "vmdk", "file": "flat-ext",
+                                          "size": MiB, "subformat": "monolithicFlat"}) == (
+            "Extent [0] not specified")
+        assert await s.create_fails("f", {"driver": "vmdk", "file": "flat-ext",
+                                          "size": MiB, "extents": ["flat"]}) == (
+            "List of extents contains unused extents")
+        await s.execute("blockdev-add", {"driver": "vmdk", "node-name": "disk",
+                                         "file": "mono"})
+        nodes = {n["node-name"]: n for n in await s.execute("query-named-block-nodes")}
+        assert nodes["disk"]["backing_file"] == "stream.vmdk"
+    session(serve, test)
+
+    info = img_info(path("mono.vmdk"))
+    assert (info["format"], info["virtual-size"], info["backing-filename"]) == (
+        "vmdk", 3 * MiB, "stream.vmdk")
+    assert info["format-specific"]["data"]["create-type"] == "monolithicSparse"
+    info = img_info(path("split.vmdk"))
+    assert info["virtual-size"] == 3 << 30
+    assert [e["filename"] for e in info["format-specific"]["data"]["extents"]] == [
+        path("s1.vmdk"), path("s2.vmdk")]
+    assert [e["virtual-size"] for e in info["format-specific"]["data"]["extents"]] == [
+        2 << 30, 1 << 30]
+    assert img_info(path("flat.vmdk"))["format-specific"]["data"]["create-type"] == (
+        "monolithicFlat")
+    for name in ("mono.vmdk", "stream.vmdk", "flat.vmdk", "split.vmdk"):
+        check = subprocess.run([require_tool("qemu-img"), "check", "-U", path(name)],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, (name, check.stdout + check.stderr)
+    descriptor = (tmp_path / "mono.vmdk").read_bytes()[512:1024]
+    assert b'ddb.adapterType = "buslogic"' in descriptor
+    assert b'parentFileNameHint="stream.vmdk"' in descriptor

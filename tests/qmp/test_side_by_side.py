@@ -3,6 +3,7 @@ on the wire (responses, errors, parse errors), events and the images left behind
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -195,6 +196,40 @@ CREATE_SCRIPT = [
     ("blockdev-create", {"job-id": "luks", "options": {
         "driver": "luks", "file": "f1", "size": MiB, "key-secret": "sec0", "iter-time": 10}}),
     ("job-dismiss", {"id": "luks"}),
+    # VMDK: monolithic subformats on 'file'; flat and split ones with their 'extents'
+    *[step for name, node in (("s.vmdk", "vs"), ("z.vmdk", "vz"), ("f.vmdk", "vf"),
+                              ("f-flat.vmdk", "vff"), ("t.vmdk", "vt"), ("t1.vmdk", "vt1"),
+                              ("bad.vmdk", "vbad"))
+      for step in (("blockdev-create", {"job-id": "mk", "options": {
+                        "driver": "file", "size": 0, "filename": "DIR/" + name}}),
+                   ("job-dismiss", {"id": "mk"}),
+                   ("blockdev-add", {"driver": "file", "node-name": node,
+                                     "filename": "DIR/" + name}))],
+    ("blockdev-create", {"job-id": "v1", "options": {"driver": "vmdk", "file": "vz",
+                                                     "size": 3 * MiB, "zeroed-grain": True,
+                                                     "subformat": "streamOptimized"}}),
+    ("blockdev-create", {"job-id": "v2", "options": {"driver": "vmdk", "file": "vs",
+                                                     "size": 3 * MiB, "extents": ["vff"]}}),
+    ("query-jobs", {}),
+    ("blockdev-create", {"job-id": "v3", "options": {"driver": "vmdk", "file": "vs",
+                                                     "size": 3 * MiB,
+                                                     "backing-file": "z.vmdk"}}),
+    ("blockdev-create", {"job-id": "v4", "options": {
+        "driver": "vmdk", "file": "vf", "size": 3 * MiB, "subformat": "monolithicFlat",
+        "extents": ["vff"], "adapter-type": "lsilogic", "hwversion": "7",
+        "toolsversion": "10240"}}),
+    ("blockdev-create", {"job-id": "v5", "options": {
+        "driver": "vmdk", "file": "vt", "size": 3 * MiB, "subformat": "twoGbMaxExtentSparse",
+        "extents": ["vt1"]}}),
+    ("blockdev-create", {"job-id": "v6", "options": {"driver": "vmdk", "file": "vbad",
+                                                     "size": 3 * MiB + 1}}),
+    ("blockdev-create", {"job-id": "v7", "options": {
+        "driver": "vmdk", "file": "vbad", "size": MiB, "subformat": "monolithicFlat",
+        "zeroed-grain": True, "extents": ["vff"]}}),
+    ("blockdev-create", {"job-id": "v8", "options": {
+        "driver": "vmdk", "file": "vbad", "size": MiB, "subformat": "twoGbMaxExtentFlat"}}),
+    ("query-jobs", {}),
+    *[("job-dismiss", {"id": "v%d" % i}) for i in range(1, 9)],
     # errors: refused commands, then jobs that fail
     ("blockdev-create", {"job-id": "1x", "options": {"driver": "file", "filename": "DIR/x",
                                                      "size": 0}}),
@@ -250,6 +285,19 @@ def _run_create_script(client: Raw, directory) -> list:
     return results
 
 
+def _vmdk_without_cids(path) -> tuple[bytes, bytes]:
+    """A VMDK file with its descriptor text blanked out, and that text with the random
+    CID and parentCID values replaced."""
+    data = path.read_bytes()
+    start = data.find(b"# Disk DescriptorFile")
+    if start < 0:
+        return data, b""
+    end = data.find(b"\0", start)
+    end = len(data) if end < 0 else end
+    text = re.sub(rb"CID=[0-9a-f]+", b"CID=?", data[start:end])
+    return data[:start] + data[end:], text
+
+
 def test_blockdev_create_script(both, tmp_path):
     def extra(d):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"),
@@ -277,6 +325,16 @@ def test_blockdev_create_script(both, tmp_path):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     for name in ("disk.qcow2", "ext.qcow2"):
         assert info("ours", name) == info("ref", name)
+        for side in ("ref", "ours"):
+            check = subprocess.run([qemu_img, "check", "-U", str(tmp_path / side / name)],
+                                   capture_output=True, text=True)
+            assert check.returncode == 0, (side, name, check.stdout)
+    # VMDK: the same bytes but for the random CIDs of the descriptors
+    for name in ("s.vmdk", "z.vmdk", "f.vmdk", "f-flat.vmdk", "t.vmdk", "t1.vmdk",
+                 "bad.vmdk"):
+        assert _vmdk_without_cids(tmp_path / "ours" / name) == _vmdk_without_cids(
+            tmp_path / "ref" / name), name
+    for name in ("s.vmdk", "z.vmdk", "f.vmdk", "t.vmdk"):
         for side in ("ref", "ours"):
             check = subprocess.run([qemu_img, "check", "-U", str(tmp_path / side / name)],
                                    capture_output=True, text=True)

@@ -18,6 +18,7 @@ from qemu.qmp import QMPClient
 from blockengine.cli.serve import Daemon
 from blockengine.graph import backend
 from blockengine.graph.backend import BlockAcctStats
+from tests.qmp.test_blockdev_create import connect
 from tests.qmp.test_server import ROOT, Serve, run
 
 S = 1_000_000_000                       # ns per second
@@ -141,7 +142,7 @@ def test_serve_shows_timed_stats_on_the_wire(tmp_path):
     try:
         async def go():
             qmp = QMPClient("stats")
-            await qmp.connect(s.socks[0])
+            await connect(qmp, s.socks[0])
             try:
                 return await qmp.execute("query-blockstats")
             finally:

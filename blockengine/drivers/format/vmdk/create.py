@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from typing import Callable
 
 from ....errors import BlockError, InvalidArgument
 from . import layout as L
@@ -77,25 +78,17 @@ def sparse_extent_layout(size: int, compress: bool, zeroed_grain: bool):
     return h, bytes(rgd), bytes(gd)
 
 
-def _create_extent(path: str, size: int, flat: bool, compress: bool, zeroed_grain: bool):
-    """vmdk_create_extent(): a fresh file laid out as one extent."""
-    from ...protocol.file import FileDriver
-    FileDriver.create(path, 0, {})
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        if flat:
-            os.ftruncate(fd, size)
-            return
-        h, rgd, gd = sparse_extent_layout(size, compress, zeroed_grain)
-        os.pwrite(fd, h.pack(), 0)
-        os.ftruncate(fd, h.grain_offset * SECTOR)
-        os.pwrite(fd, rgd, h.rgd_offset * SECTOR)
-        os.pwrite(fd, gd, h.gd_offset * SECTOR)
-    except OSError as e:
-        raise BlockError("Could not write to '%s': %s" % (path, e.strerror),
-                         errno=e.errno) from e
-    finally:
-        os.close(fd)
+def init_extent(node, size: int, flat: bool, compress: bool, zeroed_grain: bool) -> None:
+    """vmdk_init_extent(): lay out one extent of ``size`` bytes on an open node (a
+    flat extent is only sized)."""
+    if flat:
+        node.truncate(size)
+        return
+    h, rgd, gd = sparse_extent_layout(size, compress, zeroed_grain)
+    node.pwrite(0, h.pack())
+    node.truncate(h.grain_offset * SECTOR)
+    node.pwrite(h.rgd_offset * SECTOR, rgd)
+    node.pwrite(h.gd_offset * SECTOR, gd)
 
 
 def _decompose(filename: str):
@@ -108,33 +101,44 @@ def _decompose(filename: str):
     return path, base[:dot], base[dot:]
 
 
-def create(filename: str, size: int, opts: dict) -> None:
+def _parent_cid(image_filename: str, backing_file: str) -> int:
+    """The CID of the backing file (opened relative to the image, without its backing)."""
     from ....graph.graph import Graph, abspath_like_qemu
+    from .driver import VmdkDriver
+    full = abspath_like_qemu(image_filename, backing_file)
+    graph = Graph()
+    try:
+        try:
+            node = graph.open_image(full, None, read_only=True, force_share=True,
+                                    options={"backing": None})
+        except BlockError as e:
+            raise BlockError("Could not open '%s': %s" % (full, e), errno=e.errno) from e
+        if not isinstance(node.drv, VmdkDriver):
+            raise InvalidArgument("Invalid backing file format: %s. Must be vmdk."
+                                  % node.driver_name)
+        return node.drv.cid
+    finally:
+        graph.close_all()
 
-    opts = {k: v for k, v in (opts or {}).items() if v is not None}
-    adapter = opts.get("adapter_type", "ide")
-    backing_file = opts.get("backing_file")
-    backing_fmt = opts.get("backing_fmt")
-    compat6 = bool_option(opts.get("compat6"), "compat6")
-    hw_version = opts.get("hwversion")
-    if hw_version == "undefined":
-        hw_version = None
-    toolsver = opts.get("toolsversion") or "2147483647"
-    fmt = opts.get("subformat") or "monolithicSparse"
-    zeroed_grain = bool_option(opts.get("zeroed_grain"), "zeroed_grain")
 
-    if backing_fmt and backing_fmt != "vmdk":
-        raise InvalidArgument("backing_file must be a vmdk image")
+ExtentFn = Callable[[int, int, bool, bool], object]
+"""extent_fn(size, idx, flat, split): the open node of extent ``idx`` (0: the
+descriptor file), laid out with init_extent() unless ``size`` is -1; None for an
+``idx`` that has no node when ``size`` is -1 (the check for unused extents)."""
+
+
+def do_create(size: int, fmt: str, adapter: str, backing_file: str | None,
+              hw_version: str | None, toolsversion: str | None, compat6: bool,
+              zeroed_grain: bool, extent_fn: ExtentFn) -> None:
+    """vmdk_co_do_create(): the descriptor file and extents of a ``fmt`` image, with
+    the nodes ``extent_fn`` gives."""
     if compat6:
         if hw_version:
             raise InvalidArgument("compat6 cannot be enabled with hwversion set")
         hw_version = "6"
     hw_version = hw_version or "4"
-    if adapter not in ADAPTERS:
-        raise InvalidArgument("invalid parameter value: %s" % adapter)
+    toolsversion = toolsversion or "2147483647"
     heads = 16 if adapter == "ide" else 255
-    if fmt not in SUBFORMATS:
-        raise InvalidArgument("invalid parameter value: %s" % fmt)
     flat = fmt in ("monolithicFlat", "twoGbMaxExtentFlat")
     split = fmt in ("twoGbMaxExtentFlat", "twoGbMaxExtentSparse")
     compress = fmt == "streamOptimized"
@@ -142,65 +146,82 @@ def create(filename: str, size: int, opts: dict) -> None:
         raise InvalidArgument("Flat image can't have backing file")
     if flat and zeroed_grain:
         raise InvalidArgument("Flat image can't enable zeroed grain")
-    size = -(-int(size) // SECTOR) * SECTOR
+    line_fmt = 'RW %d FLAT "%s" 0\n' if flat else 'RW %d SPARSE "%s"\n'
 
-    parent_cid = 0xFFFFFFFF
-    parent_line = ""
-    if backing_file:
-        from .driver import VmdkDriver
-        full = abspath_like_qemu(filename, backing_file)
-        graph = Graph()
-        try:
-            try:
-                node = graph.open_image(full, None, read_only=True, force_share=True,
-                                        options={"backing": None})
-            except BlockError as e:
-                raise BlockError("Could not open '%s': %s" % (full, e), errno=e.errno) from e
-            if not isinstance(node.drv, VmdkDriver):
-                raise InvalidArgument("Invalid backing file format: %s. Must be vmdk."
-                                      % node.driver_name)
-            parent_cid = node.drv.cid
-        finally:
-            graph.close_all()
-        parent_line = 'parentFileNameHint="%s"' % backing_file
+    def extent_line(extent_size: int, node) -> str:
+        return line_fmt % (-(-extent_size // SECTOR), os.path.basename(node.filename()))
 
-    path, prefix, postfix = _decompose(filename)
+    extent_size = SPLIT_EXTENT_SIZE if split else size
+    created = extent_size if not split and not flat else 0
+    desc_node = extent_fn(created, 0, flat, split)
     ext_lines = []
-    if flat or split:
-        remaining, idx = size, 1
-        while True:
-            n = min(remaining, SPLIT_EXTENT_SIZE) if split else remaining
-            if split:
-                name = "%s-%c%03d%s" % (prefix, "f" if flat else "s", idx, postfix)
-            else:
-                name = "%s-flat%s" % (prefix, postfix)
-            _create_extent(path + name, n, flat, compress, zeroed_grain)
-            if flat:
-                ext_lines.append('RW %d FLAT "%s" 0\n' % (n // SECTOR, name))
-            else:
-                ext_lines.append('RW %d SPARSE "%s"\n' % (n // SECTOR, name))
-            remaining -= n
-            idx += 1
-            if remaining <= 0:
-                break
-    else:
-        _create_extent(filename, size, False, compress, zeroed_grain)
-        ext_lines.append('RW %d SPARSE "%s"\n' % (size // SECTOR, prefix + postfix))
-
+    if not split and not flat:
+        ext_lines.append(extent_line(created, desc_node))
+    parent_cid, parent_line = 0xFFFFFFFF, ""
+    if backing_file:
+        parent_cid = _parent_cid(desc_node.filename(), backing_file)
+        parent_line = 'parentFileNameHint="%s"' % backing_file
+    idx = 1
+    while created < size:
+        n = min(size - created, extent_size)
+        ext_lines.append(extent_line(n, extent_fn(n, idx, flat, split)))
+        created += n
+        idx += 1
+    if extent_fn(-1, idx, flat, split) is not None:
+        raise InvalidArgument("List of extents contains unused extents")
     desc = DESC_TEMPLATE % (random.getrandbits(32), parent_cid, fmt, parent_line,
                             "".join(ext_lines), hw_version, size // (63 * heads * SECTOR),
-                            heads, adapter, toolsver)
+                            heads, adapter, toolsversion)
     data = desc.encode()
-    try:
-        if flat or split:
-            with open(filename, "wb") as f:
-                f.write(data)
+    if split or flat:
+        desc_node.pwrite(0, data)
+        desc_node.truncate(len(data))     # no padding after a descriptor file's text
+    else:
+        desc_node.pwrite(SECTOR, data)
+
+
+def create(filename: str, size: int, opts: dict) -> None:
+    """vmdk_co_create_opts(): the QemuOpts checks, then do_create() on new files named
+    after ``filename``."""
+    from ...protocol.file import FileDriver
+    from ....graph.graph import Graph
+
+    opts = {k: v for k, v in (opts or {}).items() if v is not None}
+    adapter = opts.get("adapter_type", "ide")
+    backing_fmt = opts.get("backing_fmt")
+    hw_version = opts.get("hwversion")
+    if hw_version == "undefined":
+        hw_version = None
+    fmt = opts.get("subformat") or "monolithicSparse"
+    if backing_fmt and backing_fmt != "vmdk":
+        raise InvalidArgument("backing_file must be a vmdk image")
+    if adapter not in ADAPTERS:
+        raise InvalidArgument("invalid parameter value: %s" % adapter)
+    if fmt not in SUBFORMATS:
+        raise InvalidArgument("invalid parameter value: %s" % fmt)
+    path, prefix, postfix = _decompose(filename)
+    graph = Graph()
+
+    def new_extent(extent_size: int, idx: int, flat: bool, split: bool):
+        # vmdk_co_create_opts_cb(): files named after the image, made on demand
+        if extent_size == -1:
+            return None
+        if idx == 0:
+            name = filename
+        elif split:
+            name = path + "%s-%c%03d%s" % (prefix, "f" if flat else "s", idx, postfix)
         else:
-            fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                os.pwrite(fd, data, SECTOR)
-            finally:
-                os.close(fd)
-    except OSError as e:
-        raise BlockError("Could not write description: %s" % e.strerror,
-                         errno=e.errno) from e
+            name = path + "%s-flat%s" % (prefix, postfix)
+        FileDriver.create(name, 0, {})
+        node = graph.open_node({"driver": "file", "filename": name})
+        init_extent(node, extent_size, flat, fmt == "streamOptimized",
+                    bool_option(opts.get("zeroed_grain"), "zeroed_grain"))
+        return node
+
+    try:
+        do_create(-(-int(size) // SECTOR) * SECTOR, fmt, adapter, opts.get("backing_file"),
+                  hw_version, opts.get("toolsversion"),
+                  bool_option(opts.get("compat6"), "compat6"),
+                  bool_option(opts.get("zeroed_grain"), "zeroed_grain"), new_extent)
+    finally:
+        graph.close_all()
