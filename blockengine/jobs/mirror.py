@@ -7,6 +7,13 @@ top: what is allocated above the source's backing; none: nothing), then copies d
 runs (clearing their bits *before* reading, so a write racing with the copy re-dirties
 its chunk).  When nothing is dirty the job becomes READY and keeps copying new writes.
 
+Copy modes (QEMU 7.2's MirrorCopyMode): ``background`` copies only from the dirty bitmap;
+``write-blocking`` also mirrors every guest write through the filter to the target
+before the write completes (``guest_write``, QEMU's do_sync_target_write), so the
+target stops falling behind.  Such a write and the job's copy of an overlapping chunk
+never interleave (``copy_lock``): the job cannot write stale data over a newer
+synchronous copy after the write has cleared the chunk's dirty bits.
+
 block-job-complete (or a soft block-job-cancel once READY) ends the loop; ``prepare``
 then takes the filter's lock -- no guest write can be in flight through it -- copies
 what is still dirty and, for complete, pivots: the source (or ``replaces``) is replaced
@@ -16,6 +23,7 @@ cancelled mirror only removes its filter: the target keeps whatever was copied.
 """
 from __future__ import annotations
 
+import threading
 
 from .. import bitmaps
 from ..bitmaps import BlockDirtyBitmap
@@ -30,6 +38,7 @@ from .job import Job, device_name
 
 DEFAULT_BUF_SIZE = 16 << 20
 MAX_CHUNK = 4 << 20
+COPY_MODES = ("background", "write-blocking")
 
 
 class JobBackend(BlockBackend):
@@ -49,9 +58,13 @@ class MirrorJob(Job):
                  replaces=None, unmap: bool = True, on_source_error: str = "report",
                  on_target_error: str = "report", filter_node_name: str | None = None,
                  speed: int = 0, auto_finalize: bool = True, auto_dismiss: bool = True,
-                 base=None, is_commit: bool = False, backing_mode: str = "open-backing"):
+                 base=None, is_commit: bool = False, backing_mode: str = "open-backing",
+                 copy_mode: str = "background"):
         if sync not in ("full", "top", "none"):
             raise InvalidArgument("Sync mode '%s' not supported" % sync)
+        if copy_mode not in COPY_MODES:
+            raise InvalidArgument("Parameter 'copy-mode' does not accept value '%s'"
+                                  % copy_mode)
         if granularity is None:
             granularity = bitmaps.default_granularity(target)
         elif granularity & (granularity - 1):
@@ -79,6 +92,9 @@ class MirrorJob(Job):
         self.is_commit = is_commit
         self.mirror_top = None
         self.dirty: BlockDirtyBitmap | None = None
+        self.copy_mode = copy_mode
+        self.copy_lock = threading.Lock()
+        self.active_error: BaseException | None = None     # a failed synchronous write
         super().__init__(graph, job_id, source, speed=speed, auto_finalize=auto_finalize,
                          auto_dismiss=auto_dismiss)
         try:
@@ -94,6 +110,7 @@ class MirrorJob(Job):
         with graph.lock:
             self.mirror_top = open_implicit_filter(graph, MirrorTopDriver, filter_node_name,
                                                    source)
+            self.mirror_top.drv.job = self
             graph.insert_filter(self.mirror_top, source)
             # on the source (QEMU puts it on the filter): it also sees a write that was
             # already on its way to the source when the filter went in
@@ -143,6 +160,8 @@ class MirrorJob(Job):
         cursor = 0
         while True:
             self.pause_point()
+            if self.active_error is not None:
+                raise self.active_error
             cnt = min(self.dirty.count(), size)
             self.progress_set_remaining(cnt)
             if cnt:
@@ -202,31 +221,73 @@ class MirrorJob(Job):
     def _copy(self, offset: int, length: int) -> int:
         """Copy a range; returns the bytes copied (an ignored error re-dirties the rest
         of the range, which a later iteration copies again)."""
-        src, tgt = self.source, self.target
         pos, end = offset, offset + length
         while pos < end:
-            try:
-                flags, n = self.extents.status(pos, end - pos)
-                n = max(1, n)
-                zero = bool(flags & BLOCK_ZERO)
-                buf = None if zero else self.buffer.read(src, pos, n)
-            except BlockError as e:
-                if self.handle_io_error(self.on_source_error, True, e):
-                    continue            # stopped and resumed: retry
-                self.dirty.set_dirty(pos, end - pos)   # ignored: copy again later
-                return pos - offset
-            try:
-                if zero:
-                    tgt.pwrite_zeroes(pos, n, may_unmap=self.unmap)
-                else:
-                    tgt.pwrite(pos, buf)
-            except BlockError as e:
-                if self.handle_io_error(self.on_target_error, False, e):
-                    continue
-                self.dirty.set_dirty(pos, end - pos)
-                return pos - offset
-            pos += n
+            with self.copy_lock:        # one piece: no synchronous guest write between
+                n, error = self._copy_piece(pos, end - pos)
+            if error is None:
+                pos += n
+                continue
+            is_read, e = error
+            policy = self.on_source_error if is_read else self.on_target_error
+            if self.handle_io_error(policy, is_read, e):
+                continue                # stopped and resumed: retry
+            self.dirty.set_dirty(pos, end - pos)       # ignored: copy again later
+            return pos - offset
         return length
+
+    def _copy_piece(self, pos: int, length: int):
+        """Copy the first extent of [pos, pos+length): (bytes, None) or (0, (is_read,
+        error)) for an I/O error."""
+        try:
+            flags, n = self.extents.status(pos, length)
+            n = max(1, n)
+            zero = bool(flags & BLOCK_ZERO)
+            buf = None if zero else self.buffer.read(self.source, pos, n)
+        except BlockError as e:
+            return 0, (True, e)
+        try:
+            if zero:
+                self.target.pwrite_zeroes(pos, n, may_unmap=self.unmap)
+            else:
+                self.target.pwrite(pos, buf)
+        except BlockError as e:
+            return 0, (False, e)
+        return n, None
+
+    # ---- write-blocking: guest writes mirrored synchronously -----------------------------
+    def _writes_to_target(self) -> bool:
+        """bdrv_mirror_top_do_write()'s copy_to_target: write-blocking mode, while the
+        job runs and has not failed or been cancelled."""
+        return (self.copy_mode == "write-blocking" and self.thread is not None
+                and not self.deferred and not self.cancelled and self.active_error is None)
+
+    def guest_write(self, offset: int, length: int, request) -> None:
+        """A guest write through the filter: ``request(node)`` writes to the source
+        (its dirty bitmap marks the range) and, in write-blocking mode, to the target;
+        the fully covered chunks are then clean (do_sync_target_write)."""
+        if not self._writes_to_target():
+            request(self.source)
+            return
+        with self.copy_lock:
+            request(self.source)
+            if not self._writes_to_target():
+                return
+            self.progress_add_total(length)
+            try:
+                request(self.target)
+            except BlockError as e:
+                # the range stays dirty (the source write marked it) for the job to copy;
+                # 'report' fails the job, the guest's write itself succeeded
+                if self.error_action(self.on_target_error, False, e) == "report":
+                    self.active_error = e
+                    self.kick()
+                return
+            g = self.granularity
+            start, end = -(-offset // g) * g, (offset + length) // g * g
+            if start < end:
+                self.dirty.reset_dirty(start, end - start)
+            self.progress(length)
 
     # ---- complete / cancel --------------------------------------------------------------
     def do_complete(self) -> None:
@@ -298,6 +359,7 @@ class MirrorJob(Job):
             self.graph.refresh_perms([top])
         except BlockError:
             pass
+        top.drv.job = None
         if top.drv.redirect is None:
             top.drv.redirect = top.file_child_node()
         for blk in self._backends:

@@ -22,9 +22,17 @@ def read(path):
         return f.read()
 
 
-def status_seq(events, job_id):
-    return [d["status"] for n, d in events.list if n == "JOB_STATUS_CHANGE"
-            and d["id"] == job_id]
+def status_seq(events, job_id, timeout: float = 5):
+    """The job's statuses, once it reached 'null' (its last transitions come right
+    after BLOCK_JOB_COMPLETED, from the job's thread) or after ``timeout``."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        seq = [d["status"] for n, d in list(events.list) if n == "JOB_STATUS_CHANGE"
+               and d["id"] == job_id]
+        if (seq and seq[-1] == "null") or time.monotonic() > deadline:
+            return seq
+        time.sleep(0.01)
 
 
 def test_mirror_full_complete_with_concurrent_writes(ctx, images):

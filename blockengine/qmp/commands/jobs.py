@@ -99,7 +99,8 @@ def _mirror_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> Mir
                                                    "on-source-error"),
                     on_target_error=parse_on_error(args.get("on-target-error"),
                                                    "on-target-error"),
-                    filter_node_name=args.get("filter-node-name"), **_common(args))
+                    filter_node_name=args.get("filter-node-name"),
+                    copy_mode=args.get("copy-mode", "background"), **_common(args))
     job.start()
     return job
 

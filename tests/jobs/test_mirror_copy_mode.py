@@ -1,0 +1,167 @@
+"""mirror copy-mode (QEMU 7.2's MirrorCopyMode): in write-blocking mode a guest write
+through the mirror's filter is on the target when the write returns; background mode
+leaves it to the dirty bitmap.  Concurrent writes against a model, target errors of a
+synchronous write, and the QMP side against qemu-storage-daemon."""
+import subprocess
+
+import pytest
+
+from tests.tooling import require_tool
+
+from .helpers import Writer, make_raw, random_data
+from .test_interop_qsd import add_raw, both, qemu_img_compare  # noqa: F401  (fixture)
+from .test_mirror import read, status_seq
+
+SIZE = 16 << 20
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def images(tmp_path):
+    data = random_data(11, SIZE)
+    return make_raw(tmp_path / "src.raw", SIZE, data), make_raw(tmp_path / "dst.raw", SIZE)
+
+
+def _start_slow_mirror(ctx, copy_mode):
+    """A mirror that copied its first 64 KiB chunk and then sleeps (speed 1 B/s)."""
+    ctx.cmd("blockdev-mirror", device="src", target="dst", sync="full", speed=1,
+            **{"job-id": "m", "buf-size": CHUNK, "copy-mode": copy_mode})
+    job = ctx.graph._job_registry.find("m")
+    import time
+    deadline = time.monotonic() + 10
+    while job.progress_current < CHUNK and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job.progress_current == CHUNK
+    return job
+
+
+@pytest.mark.parametrize("copy_mode", ["write-blocking", "background"])
+def test_guest_write_reaches_target_synchronously(ctx, images, copy_mode):
+    src, dst = images
+    ctx.add_raw("src", src)
+    ctx.add_raw("dst", dst)
+    blk = ctx.device("vda", "src")
+    job = _start_slow_mirror(ctx, copy_mode)
+    assert blk.root_node.driver_name == "mirror_top"
+    before = ctx.cmd("query-block-jobs")[0]
+    blk.pwrite(8 << 20, b"\x5a" * 100_000)
+    blk.pwrite_zeroes(12 << 20, 3 * CHUNK)
+    after = ctx.cmd("query-block-jobs")[0]
+    on_target = read(dst)
+    if copy_mode == "write-blocking":
+        assert on_target[8 << 20:(8 << 20) + 100_000] == b"\x5a" * 100_000
+        # the zero write reaches the target as a zero write (the file reads zeroes)
+        assert on_target[12 << 20:(12 << 20) + 3 * CHUNK] == bytes(3 * CHUNK)
+        # do_sync_target_write(): the bytes count as both remaining and done work
+        written = 100_000 + 3 * CHUNK
+        assert after["offset"] == before["offset"] + written
+        assert after["len"] == before["len"] + written
+        # whole chunks written through are clean; the partial tail chunk stays dirty
+        assert job.dirty.count_range(8 << 20, 100_000) == CHUNK
+        assert job.dirty.count_range(12 << 20, 3 * CHUNK) == 0
+    else:
+        assert on_target[8 << 20:(8 << 20) + 100_000] == bytes(100_000)
+        assert after["offset"] == before["offset"]
+        assert job.dirty.count_range(8 << 20, 100_000) == 2 * CHUNK
+    ctx.cmd("block-job-set-speed", device="m", speed=0)
+    ctx.events.wait("BLOCK_JOB_READY")
+    ctx.cmd("block-job-complete", device="m")
+    assert "error" not in ctx.events.wait("BLOCK_JOB_COMPLETED")
+    assert read(dst) == read(src)
+
+
+def test_write_blocking_concurrent_writes_match_model(ctx, images, tmp_path):
+    src, dst = images
+    ctx.add_raw("src", src)
+    ctx.add_raw("dst", dst)
+    blk = ctx.device("vda", "src")
+    model = bytearray(read(src))
+    w = Writer(blk, model, seed=3, zero_every=7)
+    w.start()
+    w.wait_writes(50)
+    ctx.cmd("blockdev-mirror", device="src", target="dst", sync="full",
+            **{"job-id": "m", "copy-mode": "write-blocking", "buf-size": 1 << 20})
+    ctx.events.wait("BLOCK_JOB_READY")
+    w.wait_writes(200)       # READY: every write now lands on both sides at once
+    with w.lock:
+        assert read(dst) == bytes(model) == read(src)
+    w.wait_writes(50)
+    w.stop()
+    ctx.cmd("block-job-complete", device="m")
+    assert "error" not in ctx.events.wait("BLOCK_JOB_COMPLETED")
+    assert blk.root_node.node_name == "dst"
+    assert read(dst) == bytes(model)
+    ctx.close()
+    r = subprocess.run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw",
+                        src, dst], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def _blkdebug_target_in_state_2(ctx, path):
+    """dst on blkdebug that fails the first write at 8 MiB once it is in state 2."""
+    ctx.cmd("blockdev-add", driver="file", filename=path, **{"node-name": "dstf"})
+    ctx.cmd("blockdev-add", driver="blkdebug", image="dstf",
+            **{"node-name": "dbg", "inject-error": [
+                {"event": "write_aio", "errno": 5, "once": True, "state": 2,
+                 "sector": (8 << 20) // 512}]})
+    ctx.cmd("blockdev-add", driver="raw", file="dbg", **{"node-name": "dst"})
+    return ctx.graph.find_node("dbg")
+
+
+@pytest.mark.parametrize("policy", ["report", "stop"])
+def test_synchronous_write_target_error(ctx, images, policy):
+    """A failing synchronous copy: the guest's write succeeds, the range stays dirty,
+    and the job follows on-target-error (report: it fails; stop: it pauses, and
+    after resume copies the range again)."""
+    src, dst = images
+    ctx.add_raw("src", src)
+    dbg = _blkdebug_target_in_state_2(ctx, dst)
+    blk = ctx.device("vda", "src")
+    ctx.cmd("blockdev-mirror", device="src", target="dst", sync="full",
+            **{"job-id": "m", "copy-mode": "write-blocking", "on-target-error": policy})
+    ctx.events.wait("BLOCK_JOB_READY")
+    dbg.drv.set_state(2)
+    blk.pwrite(8 << 20, b"\x33" * 4096)          # the guest sees no error
+    assert ctx.events.wait("BLOCK_JOB_ERROR") == {"device": "m", "operation": "write",
+                                                  "action": policy}
+    if policy == "report":
+        ev = ctx.events.wait("BLOCK_JOB_COMPLETED")
+        assert ev["error"] == "Input/output error"
+        assert status_seq(ctx.events, "m")[-3:] == ["aborting", "concluded", "null"]
+        assert blk.root_node.node_name == "src"
+        return
+    job = ctx.graph._job_registry.find("m")
+    job.wait_status("standby", 10)
+    assert ctx.cmd("query-block-jobs")[0]["io-status"] == "failed"
+    ctx.cmd("block-job-resume", device="m")
+    job.wait_status("ready", 10)
+    ctx.cmd("block-job-complete", device="m")
+    assert "error" not in ctx.events.wait("BLOCK_JOB_COMPLETED")
+    assert read(dst) == read(src)
+    assert read(dst)[8 << 20:(8 << 20) + 4096] == b"\x33" * 4096
+
+
+def test_copy_mode_script_like_qsd(both):
+    """blockdev-mirror/drive-mirror with copy-mode: same answers, same events."""
+    both.image("src.raw", random_data(12, 4 << 20), size=4 << 20)
+    both.image("dst.raw", size=4 << 20)
+    add_raw(both, "src", "src.raw")
+    add_raw(both, "dst", "dst.raw")
+    assert both.cmd("blockdev-mirror", device="src", target="dst", sync="full",
+                    **{"job-id": "m", "copy-mode": "sideways"}) == \
+        "Parameter 'copy-mode' does not accept value 'sideways'"
+    both.cmd("blockdev-mirror", device="src", target="dst", sync="full",
+             **{"job-id": "m", "copy-mode": "write-blocking"})
+    both.wait("BLOCK_JOB_READY")
+    assert both.qsd.cmd("query-block-jobs") == both.be.cmd("query-block-jobs")
+    both.cmd("block-job-complete", device="m")
+    both.wait("BLOCK_JOB_COMPLETED")
+    both.cmd("drive-mirror", device="dst", target="@copy.raw", format="raw", sync="full",
+             **{"job-id": "d", "copy-mode": "write-blocking"})
+    both.wait("BLOCK_JOB_READY", count=2)
+    both.cmd("block-job-cancel", device="d")
+    both.wait("BLOCK_JOB_COMPLETED", count=2)
+    q, b = both.events()
+    assert q == b
+    qemu_img_compare(both, "src.raw", "dst.raw")
+    qemu_img_compare(both, "src.raw", "copy.raw")
