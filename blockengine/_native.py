@@ -35,6 +35,12 @@ from blockengine._pynative import (  # noqa: F401  (re-exported constants)
     L2_UNALLOCATED,
     L2_ZERO_ALLOC,
     L2_ZERO_PLAIN,
+    MAP_DATA,
+    MAP_ENTRY,
+    MAP_HAS_OFFSET,
+    MAP_PRESENT,
+    MAP_STOP,
+    MAP_ZERO,
     OK,
     SC_ALLOCATED,
     SC_INVALID,
@@ -57,6 +63,7 @@ _CONSTANTS = (
     "L2_UNALLOCATED", "L2_ZERO_PLAIN", "L2_ZERO_ALLOC", "L2_NORMAL",
     "L2_COMPRESSED", "L2_INVALID",
     "SC_UNALLOCATED", "SC_ZERO", "SC_ALLOCATED", "SC_INVALID",
+    "MAP_DATA", "MAP_ZERO", "MAP_PRESENT", "MAP_HAS_OFFSET", "MAP_STOP",
 )
 
 _API_NAMES = (
@@ -70,6 +77,7 @@ _API_NAMES = (
     "buffer_is_zero", "zero_runs",
     "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
     "xor_into",
+    "l2_map", "map_state", "map_feed", "map_finish",
 )
 
 
@@ -417,6 +425,92 @@ def _build_api(ffi, lib) -> SimpleNamespace:
         if rc < 0:
             fail(rc, "xor_into")
 
+    # ---- img map (native/map.c)
+    if ffi.sizeof("be_map_entry") != _py.MAP_ENTRY.size:
+        raise ImportError("unexpected native record layout")
+    MAP_CHUNK = 4096
+    EXTERNAL = lib.BE_MAP_EXTERNAL
+
+    def l2_map(table, start_index, count, cluster_bits, guest, skip, length,
+               unalloc_flags, file):
+        try:
+            tbuf = from_buffer("uint8_t[]", table)
+            out = new_raw("be_map_entry[]", MAP_CHUNK)
+            covered = new_raw("uint64_t *")
+            parts, total = [], 0
+            while True:
+                rc = lib.be_l2_map(tbuf, len(tbuf), start_index, count, cluster_bits,
+                                   guest, skip, length, unalloc_flags, file, out,
+                                   MAP_CHUNK, covered)
+                if rc < 0:
+                    fail(rc, "l2_map")
+                parts.append(unpack_buffer(out, 40 * rc)[:])
+                done = covered[0]
+                total += done
+                if rc < MAP_CHUNK or length <= done:
+                    break
+                # a full batch ends on a cluster boundary: resume there
+                clusters = (skip + done) >> cluster_bits
+                start_index += clusters
+                count -= clusters
+                guest += done
+                length -= done
+                skip = 0
+            return b"".join(parts), total
+        except OverflowError:
+            return _py.l2_map(table, start_index, count, cluster_bits, guest, skip,
+                              length, unalloc_flags, file)
+
+    class MapState:
+        __slots__ = ("st", "names", "nnames", "c_names")
+
+        def __init__(self, human, start):
+            self.st = ffi.new("be_map_state *")
+            self.st.human = bool(human)
+            self.st.curr.start = start
+            self.names, self.nnames = None, 0
+
+        def c_array(self, names):
+            # the caller appends names as it meets new files
+            if names is not self.names or len(names) != self.nnames:
+                keep = [ffi.new("char[]", bytes(n)) for n in names]
+                self.c_names = (ffi.new("char *[]", keep), keep)
+                self.names, self.nnames = names, len(names)
+            return self.c_names[0], len(names)
+
+    def map_state(human, start):
+        return MapState(human, start)
+
+    def map_feed(state, entries, names):
+        c_names, nnames = state.c_array(names)
+        ebuf = from_buffer("be_map_entry[]", entries)
+        n = len(entries) // 40
+        out_len = 256 * 1024
+        out = new_raw("char[]", out_len)
+        consumed, written = new_raw("size_t *"), new_raw("size_t *")
+        parts, pos = [], 0
+        while True:
+            rc = lib.be_map_feed(state.st, ebuf + pos, n - pos, c_names, nnames, out,
+                                 out_len, consumed, written)
+            parts.append(unpack_buffer(out, written[0])[:])
+            pos += consumed[0]
+            if rc == EXTERNAL:
+                return b"".join(parts), False
+            if rc != ERANGE or (consumed[0] == 0 and written[0] == 0):
+                if rc < 0:
+                    fail(rc, "map_feed")
+                return b"".join(parts), True
+
+    def map_finish(state, names):
+        c_names, nnames = state.c_array(names)
+        out_len = 512 + max((len(n) for n in names), default=0)
+        out = new_raw("char[]", out_len)
+        written = new_raw("size_t *")
+        rc = lib.be_map_finish(state.st, c_names, nnames, out, out_len, written)
+        if rc < 0 and rc != EXTERNAL:
+            fail(rc, "map_finish")
+        return unpack_buffer(out, written[0])[:], rc != EXTERNAL
+
     scope = locals()
     api = SimpleNamespace(**{name: scope[name] for name in _API_NAMES})
     for name in _API_NAMES:
@@ -478,4 +572,8 @@ cbc_decrypt_xor = _impl.cbc_decrypt_xor
 cbc_encrypt_step = _impl.cbc_encrypt_step
 ctr_counters = _impl.ctr_counters
 xor_into = _impl.xor_into
+l2_map = _impl.l2_map
+map_state = _impl.map_state
+map_feed = _impl.map_feed
+map_finish = _impl.map_finish
 del _impl

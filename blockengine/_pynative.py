@@ -71,6 +71,8 @@ __all__ = [
     "buffer_is_zero", "zero_runs",
     "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
     "xor_into",
+    "MAP_DATA", "MAP_ZERO", "MAP_PRESENT", "MAP_HAS_OFFSET", "MAP_STOP", "MAP_ENTRY",
+    "l2_map", "map_state", "map_feed", "map_finish",
 ]
 
 
@@ -706,3 +708,126 @@ def xor_into(dst, src, length: int) -> None:
     _check_range(0, length, min(len(d), len(s)))
     d[:length] = (int.from_bytes(d[:length], "little")
                   ^ int.from_bytes(s[:length], "little")).to_bytes(length, "little")
+
+
+# ------------------------------------------------------------------ img map
+MAP_DATA, MAP_ZERO, MAP_PRESENT, MAP_HAS_OFFSET = 1, 2, 4, 8
+MAP_STOP = 0x100
+_MAP_FIELDS = MAP_DATA | MAP_ZERO | MAP_PRESENT | MAP_HAS_OFFSET
+#: A packed map entry: start, length, host offset, MAP_* flags, depth, file id, pad.
+MAP_ENTRY = struct.Struct("=QQQIIII")
+
+
+def l2_map(table, start_index: int, count: int, cluster_bits: int, guest: int,
+           skip: int, length: int, unalloc_flags: int, file: int) -> tuple[bytes, int]:
+    """`img map` entries (packed ``MAP_ENTRY`` records) of standard L2 entries
+    [start_index, start_index + count): the first cluster maps guest offset
+    ``guest``, ``skip`` bytes into it; they cover at most ``length`` bytes.
+
+    NORMAL clusters are data with a host offset in file ``file``, ZERO_ALLOC zero
+    with a host offset, ZERO_PLAIN zero, COMPRESSED data without an offset (all
+    present); UNALLOCATED ones get ``unalloc_flags``, or end the list when it has
+    ``MAP_STOP``, as an invalid entry does.  Returns (records, bytes covered).
+    Raises ValueError for bad cluster_bits or skip, IndexError as l2_scan."""
+    if not 9 <= cluster_bits <= 21 or skip >> cluster_bits:
+        raise ValueError("l2_map: invalid argument")
+    out = bytearray()
+    covered, left = 0, length
+    if count <= 0 or left <= 0:
+        return bytes(out), 0
+    pack = MAP_ENTRY.pack
+    for _first, n, kind, host, _copied in l2_scan(table, start_index, count, False,
+                                                  cluster_bits):
+        if left <= 0:
+            break
+        offset = 0
+        if kind == L2_NORMAL:
+            flags, offset = MAP_DATA | MAP_PRESENT | MAP_HAS_OFFSET, host + skip
+        elif kind == L2_ZERO_ALLOC:
+            flags, offset = MAP_ZERO | MAP_PRESENT | MAP_HAS_OFFSET, host + skip
+        elif kind == L2_ZERO_PLAIN:
+            flags = MAP_ZERO | MAP_PRESENT
+        elif kind == L2_COMPRESSED:
+            flags = MAP_DATA | MAP_PRESENT
+        elif kind == L2_UNALLOCATED and not unalloc_flags & MAP_STOP:
+            flags = unalloc_flags & _MAP_FIELDS
+        else:
+            break
+        nbytes = min((n << cluster_bits) - skip, left)
+        out += pack(guest, nbytes, offset, flags, 0,
+                    file if flags & MAP_HAS_OFFSET else 0, 0)
+        guest += nbytes
+        covered += nbytes
+        left -= nbytes
+        skip = 0
+    return bytes(out), covered
+
+
+class _MapState:
+    """The entry being merged (start, length, offset, flags, depth, file)."""
+    __slots__ = ("curr", "human")
+
+    def __init__(self, curr: list, human: bool):
+        self.curr, self.human = curr, human
+
+
+def map_state(human: bool, start: int):
+    """State of one map walk from ``start`` (for map_feed / map_finish)."""
+    return _MapState([start, 0, 0, 0, 0, 0], human)
+
+
+def _map_mergeable(curr: list, nxt: tuple) -> bool:
+    if not curr[1] or (curr[3] ^ nxt[3]) & _MAP_FIELDS or curr[4] != nxt[4] \
+            or curr[5] != nxt[5]:
+        return False
+    return not curr[3] & MAP_HAS_OFFSET or curr[2] + curr[1] == nxt[2]
+
+
+def _map_print(state, e: list, last: bool, names, out: list) -> bool:
+    """Print one finished entry; False: human map of data without an offset."""
+    start, length, offset, flags, depth, file = e
+    if not state.human:
+        b = lambda bit: "true" if flags & bit else "false"   # noqa: E731
+        text = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
+                '"data": %s' % (start, length, depth, b(MAP_PRESENT), b(MAP_ZERO),
+                                b(MAP_DATA)))
+        if flags & MAP_HAS_OFFSET:
+            text += ', "offset": %d' % offset
+        out.append(text + ("}" if last else "},\n"))
+        return True
+    if flags & MAP_DATA and not flags & MAP_HAS_OFFSET:
+        return False
+    if flags & MAP_DATA and not flags & MAP_ZERO:
+        hex16 = lambda v: ("%#x" % v if v else "0").ljust(16)   # noqa: E731
+        name = names[file].decode(errors="surrogateescape") if file < len(names) else ""
+        out.append(hex16(start) + hex16(length) + hex16(offset) + name + "\n")
+    return True
+
+
+def map_feed(state, entries, names) -> tuple[bytes, bool]:
+    """Merge packed entries into the walk as img_map() does and print every
+    finished entry (JSON, or the human format with ``names[file]``).
+
+    Returns (text, ok); ok is False when a human map meets data without a host
+    offset: the text is what came before it and the walk must stop there."""
+    out: list[str] = []
+    curr = state.curr
+    for nxt in MAP_ENTRY.iter_unpack(entries):
+        if _map_mergeable(curr, nxt):
+            curr[1] += nxt[1]
+            continue
+        nxt = list(nxt[:6])
+        if curr[1]:
+            if not _map_print(state, curr, False, names, out):
+                return "".join(out).encode(errors="surrogateescape"), False
+            if state.human and (not nxt[3] & MAP_DATA or nxt[3] & MAP_ZERO):
+                nxt[3] = (nxt[3] & ~MAP_DATA) | MAP_ZERO
+        state.curr = curr = nxt
+    return "".join(out).encode(errors="surrogateescape"), True
+
+
+def map_finish(state, names) -> tuple[bytes, bool]:
+    """Print the walk's last entry (JSON: without the trailing separator)."""
+    out: list[str] = []
+    ok = _map_print(state, state.curr, True, names, out)
+    return "".join(out).encode(errors="surrogateescape"), ok

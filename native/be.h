@@ -169,6 +169,55 @@ int be_ctr_counters(uint8_t *out, size_t out_len, size_t len,
 int be_xor(uint8_t *dst, size_t dst_len, const uint8_t *src, size_t src_len,
            size_t len);
 
+/* --- map.c --------------------------------------------------------------- */
+/* `qemu-img map` entries in bulk: produced from an L2 slice, merged and
+ * printed exactly as img_map() does. */
+
+#define BE_MAP_DATA 1
+#define BE_MAP_ZERO 2
+#define BE_MAP_PRESENT 4
+#define BE_MAP_HAS_OFFSET 8
+#define BE_MAP_STOP 0x100      /* unalloc_flags: end the batch at unallocated */
+#define BE_MAP_EXTERNAL -6     /* human map of data without a host offset */
+
+typedef struct be_map_entry {
+    uint64_t start;
+    uint64_t length;
+    uint64_t offset;        /* host offset, if BE_MAP_HAS_OFFSET */
+    uint32_t flags;         /* BE_MAP_* */
+    uint32_t depth;
+    uint32_t file;          /* index into the caller's file names; 0 = none */
+    uint32_t pad;
+} be_map_entry;
+
+typedef struct be_map_state {
+    be_map_entry curr;      /* the entry being merged, not printed yet */
+    int human;
+} be_map_state;
+
+/* Entries of standard L2 entries [start_index, start_index + count) of a
+ * slice: the first cluster maps guest offset guest, skip bytes into it; at
+ * most length bytes and max_entries entries.  Unallocated clusters get
+ * unalloc_flags (or end the batch with BE_MAP_STOP), data on the host gets
+ * file; an invalid entry ends the batch.  Returns the number of entries and
+ * stores the bytes they cover in *covered. */
+int64_t be_l2_map(const uint8_t *table, size_t table_len,
+                  int64_t start_index, int64_t count, int cluster_bits,
+                  uint64_t guest, uint64_t skip, uint64_t length,
+                  uint32_t unalloc_flags, uint32_t file,
+                  be_map_entry *out, size_t max_entries, uint64_t *covered);
+
+/* Merge entries into st->curr and print each finished one (JSON, or the
+ * human format with names[file]) into out.  Stops early with BE_ERANGE when
+ * out is full, or BE_MAP_EXTERNAL (human only); *consumed tells how many
+ * entries were taken, *written how many bytes were printed. */
+int be_map_feed(be_map_state *st, const be_map_entry *entries, size_t n,
+                const char *const *names, size_t nnames,
+                char *out, size_t out_len, size_t *consumed, size_t *written);
+/* Print the last entry (JSON without the trailing ",\n"). */
+int be_map_finish(be_map_state *st, const char *const *names, size_t nnames,
+                  char *out, size_t out_len, size_t *written);
+
 /* END CDEF */
 
 /* --- internal helpers shared by the .c files (not part of the cdef) ------ */

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import bisect
 import os
+import queue
+import threading
 
 from .. import _native
 from ..drivers.base import BLOCK_DATA, BLOCK_ZERO
@@ -184,7 +186,10 @@ class Converter:
 
     # ---- copy -----------------------------------------------------------------------------
     def run(self) -> None:
-        """Copy everything; a failed read, write or status query raises CopyError."""
+        """Copy everything; a failed read, write or status query raises CopyError.
+
+        Reads (and status queries) run here while a writer thread writes the previous
+        buffers in order, so source and target I/O overlap as QEMU's coroutines do."""
         allocated = 0
         sector = 0
         while sector < self.total_sectors:
@@ -195,31 +200,30 @@ class Converter:
         self._next_status = 0
         self._src_cur = self._src_cur_offset = 0
 
-        buf = bytearray(self.buf_sectors * SECTOR)
         done = 0
         sector = 0
-        while sector < self.total_sectors:
-            n = self.iteration_sectors(sector)
-            status = self._status
-            if not self.min_sparse and status == BLK_ZERO:
-                n = min(n, self.buf_sectors)
-            if self._counts(status):
-                done += n
-                if self.progress is not None:
-                    self.progress.print(100.0 * done / allocated, 0)
-            if status == BLK_DATA:
-                try:
-                    self._read(sector, n, buf)
-                except BlockError as e:
-                    raise CopyError("reading", sector * SECTOR, e) from e
-            elif not self.min_sparse and status == BLK_ZERO:
-                status = BLK_DATA
-                buf[:n * SECTOR] = bytes(n * SECTOR)
-            try:
-                self._write(sector, n, buf, status)
-            except BlockError as e:
-                raise CopyError("writing", sector * SECTOR, e) from e
-            sector += n
+        with _WriteBehind(self._write, self.buf_sectors * SECTOR) as writer:
+            while sector < self.total_sectors:
+                n = self.iteration_sectors(sector)
+                status = self._status
+                if not self.min_sparse and status == BLK_ZERO:
+                    n = min(n, self.buf_sectors)
+                if self._counts(status):
+                    done += n
+                    if self.progress is not None:
+                        self.progress.print(100.0 * done / allocated, 0)
+                buf = writer.free_buffer()
+                if status == BLK_DATA:
+                    try:
+                        self._read(sector, n, buf)
+                    except BlockError as e:
+                        writer.drain()          # an earlier write error comes first
+                        raise CopyError("reading", sector * SECTOR, e) from e
+                elif not self.min_sparse and status == BLK_ZERO:
+                    status = BLK_DATA
+                    buf[:n * SECTOR] = bytes(n * SECTOR)
+                writer.submit(sector, n, buf, status)
+                sector += n
 
     def _read(self, sector_num: int, n: int, buf: bytearray) -> None:
         """convert_co_read(): fill buf with n sectors, crossing source boundaries."""
@@ -275,3 +279,62 @@ class _ShiftedZeroMap:
 
     def run_at(self, sector: int) -> tuple[bool, int]:
         return self.zmap.run_at(self.base + sector)
+
+
+class _WriteBehind:
+    """A writer thread applying ``write(sector, n, buf, status)`` to submitted buffers
+    in submission order, with a small pool of buffers so the caller can fill the next
+    one meanwhile.  The first failed write stops it; the caller gets that CopyError
+    from its next submit/free_buffer/drain, and on leaving the ``with`` block."""
+
+    BUFFERS = 3
+
+    def __init__(self, write, buf_size: int):
+        self._write = write
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self._free.put(bytearray(buf_size))
+        self._todo: queue.Queue = queue.Queue()
+        self._error: CopyError | None = None
+        self._thread = threading.Thread(target=self._main, name="convert-writer",
+                                        daemon=True)
+
+    def __enter__(self) -> "_WriteBehind":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._todo.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_error()
+
+    def _main(self) -> None:
+        while (item := self._todo.get()) is not None:
+            sector, n, buf, status = item
+            if self._error is None:
+                try:
+                    self._write(sector, n, buf, status)
+                except BlockError as e:
+                    self._error = CopyError("writing", sector * SECTOR, e)
+                    self._error.__cause__ = e
+            self._free.put(buf)
+            self._todo.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def free_buffer(self) -> bytearray:
+        buf = self._free.get()
+        self._raise_error()
+        return buf
+
+    def submit(self, sector: int, n: int, buf: bytearray, status: str) -> None:
+        self._raise_error()
+        self._todo.put((sector, n, buf, status))
+
+    def drain(self) -> None:
+        """Wait for every submitted write; raise the first write error."""
+        self._todo.join()
+        self._raise_error()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _native
 from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO)
 from ..errors import BlockError, NotSupported
 
@@ -190,40 +191,76 @@ def _entries(node, offset: int, length: int, depth: int, out: list, names: dict)
     return done
 
 
-def map_entries(node, start: int, end: int, human: bool = False):
-    """Merged MapEntry runs covering [start, end), grouped exactly as img_map() does.
+class ExternalClusters(Exception):
+    """A human map met data without a host offset (compressed, encrypted, ...)."""
 
-    Yields (entry, next_entry_or_None); an empty range yields one zero-length entry.
-    ``human``: the human format does not distinguish unallocated, zero and zero data,
-    so runs following a printed entry are normalised to 'zero' before merging.
-    """
-    curr = MapEntry(start, 0, False, False, 0, False, None, None)
-    batch: list[MapEntry] = []
-    i = 0
-    while curr.start + curr.length < end:
-        if i == len(batch):
-            offset = curr.start + curr.length
-            asked = min(end - offset, 1 << 30)
-            batch = block_status_entries(node, offset, asked)
-            i = 0
-            # the last extent may have been cut by the length asked, where a lookup at
-            # its own start would ask for more: look it up again then
-            if (len(batch) > 1 and offset + asked < end
-                    and batch[-1].start + batch[-1].length == offset + asked):
-                batch.pop()
-            if not batch:
-                batch = [block_status_entry(node, offset, asked)]
-        nxt = batch[i]
-        i += 1
-        if curr.mergeable(nxt):
-            curr.length += nxt.length
-            continue
-        if curr.length > 0:
-            yield curr, nxt
-            if human and (not nxt.data or nxt.zero):
-                nxt.data, nxt.zero = False, True
-        curr = nxt
-    yield curr, None
+
+def map_output(node, start: int, end: int, human: bool = False):
+    """`img map` output for [start, end), in chunks of bytes, grouped exactly as
+    img_map() does (JSON entries separated by ",\\n", without the brackets; or the
+    human lines of the data extents).
+
+    Entries come from the driver's bulk ``map_packed`` where it has one (a whole L2
+    slice in one native call) and otherwise from block_status_entries(); the native
+    map_feed merges and prints them.  A human map of data that has no host offset
+    raises ExternalClusters after yielding the output before it."""
+    names: list[bytes] = [b""]
+    ids: dict[str, int] = {}
+
+    def file_id(name: str | None) -> int:
+        if name is None:
+            return 0
+        i = ids.get(name)
+        if i is None:
+            i = ids[name] = len(names)
+            names.append(name.encode(errors="surrogateescape"))
+        return i
+
+    state = _native.map_state(human, start)
+    offset = start
+    while offset < end:
+        packed, covered = _map_batch(node, offset, end, file_id)
+        text, ok = _native.map_feed(state, packed, names)
+        yield text
+        if not ok:
+            raise ExternalClusters()
+        if not covered:
+            break
+        offset += covered
+    text, ok = _native.map_finish(state, names)
+    yield text
+    if not ok:
+        raise ExternalClusters()
+
+
+def _map_batch(node, offset: int, end: int, file_id) -> tuple[bytes, int]:
+    """Packed map entries from offset on, and the bytes they cover."""
+    top = node.skip_filters()
+    fast = getattr(top.drv, "map_packed", None)
+    if fast is not None:
+        try:
+            with top.lock:
+                got = fast(offset, end - offset, file_id)
+        except BlockError:
+            got = None          # the generic lookup reports it, after what came before
+        if got is not None and got[1]:
+            return got
+    asked = min(end - offset, 1 << 30)
+    batch = block_status_entries(node, offset, asked)
+    # the last extent may have been cut by the length asked, where a lookup at its
+    # own start would ask for more: look it up again then
+    if (len(batch) > 1 and offset + asked < end
+            and batch[-1].start + batch[-1].length == offset + asked):
+        batch.pop()
+    if not batch:
+        batch = [block_status_entry(node, offset, asked)]
+    pack = _native.MAP_ENTRY.pack
+    packed = b"".join(pack(e.start, e.length, e.offset or 0,
+                           (e.data and _native.MAP_DATA) | (e.zero and _native.MAP_ZERO)
+                           | (e.present and _native.MAP_PRESENT)
+                           | (e.offset is not None and _native.MAP_HAS_OFFSET),
+                           e.depth, file_id(e.filename), 0) for e in batch)
+    return packed, sum(e.length for e in batch)
 
 
 # ---- check ---------------------------------------------------------------------------------------

@@ -238,26 +238,6 @@ def image_check_human(check: dict) -> str:
 MAP_HUMAN_HEADER = "%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File")
 
 
-def _hex16(v: int) -> str:
-    """printf("%#-16" PRIx64): no 0x prefix for zero."""
-    return ("0x%x" % v if v else "0").ljust(16)
-
-
-def map_entry_human(e) -> str:
-    return "%s%s%s%s\n" % (_hex16(e.start), _hex16(e.length),
-                           _hex16(e.offset if e.offset is not None else 0),
-                           e.filename or "")
-
-
-def map_entry_json(e, last: bool) -> str:
-    b = lambda v: "true" if v else "false"   # noqa: E731
-    s = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, "data": %s'
-         % (e.start, e.length, e.depth, b(e.present), b(e.zero), b(e.data)))
-    if e.offset is not None:
-        s += ', "offset": %d' % e.offset
-    return s + "}" + ("" if last else ",\n")
-
-
 # ---- progress ----------------------------------------------------------------------------
 def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]

@@ -5,10 +5,12 @@ import string
 
 import pytest
 
-from blockengine.cli.imageinfo import MapEntry
+from blockengine import _native
 from blockengine.cli.output import (Progress, image_check_human, image_info_human,
-                                    map_entry_human, map_entry_json, qdict_items,
-                                    size_to_str, tdb_hash, to_json)
+                                    qdict_items, size_to_str, tdb_hash, to_json)
+
+BACKENDS = [pytest.param(_native.PYTHON, id="python")] + (
+    [pytest.param(_native.native_api(), id="native")] if _native.native_api() else [])
 
 
 # ---- JSON -------------------------------------------------------------------------------------
@@ -76,13 +78,32 @@ def test_image_check_human():
                     " 0.00% compressed clusters\nImage end offset: 65536\n")
 
 
-def test_map_lines():
-    e = MapEntry(0, 4096, True, False, 0, True, 0, "a.raw")
-    assert map_entry_human(e) == "0               0x1000          0               a.raw\n"
-    assert map_entry_json(e, False) == ('{ "start": 0, "length": 4096, "depth": 0, "present": '
-                                        'true, "zero": false, "data": true, "offset": 0},\n')
-    e = MapEntry(0, 0, False, False, 0, False, None, None)
-    assert map_entry_json(e, True).endswith('"data": false}')
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_map_lines(backend):
+    """The native printer and its twin print img_map()'s formats."""
+    names = [b"", b"a.raw"]
+    entry = _native.MAP_ENTRY.pack(0, 4096, 0, _native.MAP_DATA | _native.MAP_PRESENT
+                                   | _native.MAP_HAS_OFFSET, 0, 1, 0)
+    human = backend.map_state(True, 0)
+    assert backend.map_feed(human, entry, names) == (b"", True)
+    assert backend.map_finish(human, names) == (
+        b"0               0x1000          0               a.raw\n", True)
+    json = backend.map_state(False, 0)
+    gap = _native.MAP_ENTRY.pack(4096, 512, 0, _native.MAP_ZERO, 0, 0, 0)
+    assert backend.map_feed(json, entry + gap, names) == (
+        b'{ "start": 0, "length": 4096, "depth": 0, "present": true, "zero": false, '
+        b'"data": true, "offset": 0},\n', True)
+    assert backend.map_finish(json, names)[0].endswith(b'"data": false}')
+    empty = backend.map_state(False, 7)
+    assert backend.map_finish(empty, names) == (
+        b'{ "start": 7, "length": 0, "depth": 0, "present": false, "zero": false, '
+        b'"data": false}', True)
+    compressed = _native.MAP_ENTRY.pack(0, 4096, 0, _native.MAP_DATA | _native.MAP_PRESENT,
+                                        0, 0, 0)
+    human = backend.map_state(True, 0)
+    assert backend.map_feed(human, entry + compressed, names) == (
+        b"0               0x1000          0               a.raw\n", True)
+    assert backend.map_feed(human, gap, names) == (b"", False)
 
 
 def test_progress_prints_like_qemu():

@@ -306,6 +306,45 @@ def test_l2_scan_same(data, extended, data_file):
 
 
 @SETTINGS
+@given(data=st.data(), stop=st.booleans())
+def test_l2_map_same(data, stop):
+    table, cluster_bits, n = data.draw(l2_tables(False))
+    start = data.draw(mostly(st.integers(0, n), index_in(n)))
+    count = data.draw(mostly(upto(n - min(start, n)), index_in(n)))
+    skip = data.draw(mostly(st.integers(0, (1 << cluster_bits) - 1), st.integers(0, 1 << 22)))
+    length = data.draw(st.integers(0, (max(count, 0) << cluster_bits) + 4096))
+    unallocated = _native.MAP_STOP if stop else _native.MAP_ZERO
+    same("l2_map", table, start, count, cluster_bits, 12345 << 9, skip, length,
+         unallocated, 3)
+
+
+@SETTINGS
+@given(data=st.data(), human=st.booleans())
+def test_map_printing_same(data, human):
+    """Random entry streams (mergeable neighbours included) print the same."""
+    names = [b"", b"a.qcow2", b"b with space.raw"]
+    records, start = [], data.draw(st.integers(0, 1 << 40))
+    pos = start
+    for _ in range(data.draw(st.integers(0, 60))):
+        length = data.draw(st.sampled_from([512, 4096, 65536, data.draw(upto(1 << 30))]))
+        flags = data.draw(st.integers(0, 15))
+        offset = data.draw(st.sampled_from([pos, pos + 65536, 0]))
+        records.append(_native.MAP_ENTRY.pack(pos, length, offset, flags,
+                                              data.draw(st.integers(0, 2)),
+                                              data.draw(st.integers(0, 2)), 0))
+        pos += length
+    packed = b"".join(records)
+    cut = data.draw(st.integers(0, len(records))) * _native.MAP_ENTRY.size
+    outputs = []
+    for impl in (NAT, PY):
+        state = impl.map_state(human, start)
+        out = [impl.map_feed(state, packed[:cut], names),
+               impl.map_feed(state, packed[cut:], names), impl.map_finish(state, names)]
+        outputs.append(out)
+    assert outputs[0] == outputs[1]
+
+
+@SETTINGS
 @given(bitmap=mostly(st.one_of(st.integers(0, (1 << 64) - 1),
                               st.integers(0, 0xFFFFFFFF).map(
                                   lambda a: a | (~a & 0xF0F0F0F0) << 32)),
