@@ -26,6 +26,7 @@ from . import layout as L
 from .cache import Qcow2Cache, cache_sizes
 from .cluster import ClusterMixin, L2Meta, CowRegion
 from .compress import decompress
+from .native import N
 from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCATED_PLAIN,
                      SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
 from .refcount import RefcountMixin
@@ -850,6 +851,33 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         conv = self._run_status
         return [conv(n, t, host) for n, t, host in
                 self.get_host_runs(offset, min(length, 0x7FFFFFFF), stop_at_error=True)]
+
+    def map_packed(self, offset: int, length: int, file_id) -> tuple[bytes, int] | None:
+        """`img map` entries from offset to the end of its L2 slice in one native
+        call: packed records (``_native.MAP_ENTRY``) and the bytes they cover, equal to
+        what the generic block status walk gives; None where that walk is needed
+        (extended L2, data file, encryption, metadata preallocation).  The batch ends
+        before an invalid entry and, with a backing file, before unallocated clusters,
+        which the generic walk resolves."""
+        self._check_usable()
+        if self.metadata_preallocation is None:
+            self.metadata_preallocation = self._detect_metadata_preallocation()
+        if (self.extended or self.has_data_file or self.crypto is not None
+                or self.metadata_preallocation):
+            return None
+        cb, cs = self.cluster_bits, self.cluster_size
+        in_cluster = offset & (cs - 1)
+        l1_index, slice_no, idx = self._l2_location(offset)
+        length = min(length, ((self.l2_slice_size - idx) << cb) - in_cluster)
+        unallocated = N.MAP_STOP if self.node.cow_child() is not None else N.MAP_ZERO
+        l2_offset = self._l2_offset_for_read(l1_index)
+        if not l2_offset:
+            if unallocated == N.MAP_STOP:
+                return None
+            return N.MAP_ENTRY.pack(offset, length, 0, N.MAP_ZERO, 0, 0, 0), length
+        table = self.l2_cache.get(l2_offset + slice_no * self.l2_slice_bytes)
+        return N.l2_map(table, idx, (in_cluster + length + cs - 1) >> cb, cb, offset,
+                        in_cluster, length, unallocated, file_id(self.data_file.filename()))
 
     def _run_status(self, n: int, t: int, host: int) -> Status:
         """The Status of one get_host_runs() run (qcow2_co_block_status())."""
