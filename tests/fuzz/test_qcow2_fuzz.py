@@ -50,3 +50,31 @@ def test_fuzz_mutated_images(tmp_path_factory, tmp_path, cs, extra):
         harness.exercise(path)
 
     one()
+
+
+# Counts read from the header or the snapshot table (l1_size up to 4M entries, a
+# refcount table of 8 MiB, 65536 snapshots) may describe tables far past the end of a
+# tiny file.  Work must be bounded by the file, not by those numbers: a 4M-entry L1
+# past EOF once took ~15 s here (every metadata overlap check walked all of it).
+HOSTILE = {
+    "l1_max_past_eof": [(36, ">I", 0x400000), (40, ">Q", 1 << 30)],
+    "l1_max_in_file": [(36, ">I", 0x400000)],
+    "reftable_max": [(56, ">I", (8 << 20) // 4096)],
+    "snapshots_max_past_eof": [(60, ">I", 65536), (64, ">Q", 1 << 30)],
+    "snapshots_max_on_header": [(60, ">I", 65536), (64, ">Q", 0)],
+}
+HOSTILE_SECONDS = 6.0
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_counts_cost_what_the_file_holds(tmp_path_factory, tmp_path, case):
+    import struct
+    import time
+    data = bytearray(seed(tmp_path_factory, 4096))
+    for offset, fmt, value in HOSTILE[case]:
+        struct.pack_into(fmt, data, offset, value)
+    path = tmp_path / "hostile.qcow2"
+    path.write_bytes(bytes(data))
+    start = time.monotonic()
+    harness.exercise(path)
+    assert time.monotonic() - start < HOSTILE_SECONDS

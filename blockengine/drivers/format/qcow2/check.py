@@ -22,9 +22,11 @@ qemu-img turns into "Check failed: <strerror>".
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import struct
 import sys
+from itertools import compress
 
 from ....errors import BlockError
 from .layout import (CL_COMPRESSED, CL_NORMAL, CL_UNALLOCATED, CL_ZERO_ALLOC,
@@ -36,6 +38,7 @@ from .layout import (CL_COMPRESSED, CL_NORMAL, CL_UNALLOCATED, CL_ZERO_ALLOC,
                      REFTABLE_OFFSET_AND_CLUSTERS, SNAPSHOT_HEADER, BITMAP_DIR_ENTRY)
 from .native import N
 from . import overlap as OL
+from .sparse import nonzero_indexes
 
 CHECK_FRAG_INFO = 2
 FIX_LEAKS, FIX_ERRORS = 1, 2
@@ -171,16 +174,20 @@ class Checker:
         if not l1_size:
             return
         self.inc(res, imrt, l1_offset, l1_size * L1E_SIZE)
+        # entries past the end of the file read as zeroes, which mean nothing: only the
+        # part inside the file is read and walked (l1_size is a number from the file)
+        within = max(0, min(l1_size, -(-(s.file.total_size - l1_offset) // L1E_SIZE)))
         try:
-            raw = self._read(l1_offset, l1_size * L1E_SIZE)
+            if l1_offset < 0 or l1_offset + l1_size * L1E_SIZE > INT64_MAX:
+                raise _fail(errno.EINVAL)
+            raw = self._read(l1_offset, within * L1E_SIZE)
         except BlockError as e:
             self.msg("ERROR: I/O error in check_refcounts_l1")
             res["check-errors"] += 1
             raise _fail(e.errno or errno.EIO) from None
-        l1 = struct.unpack(">%dQ" % l1_size, raw)
-        for i, e in enumerate(l1):
-            if not e:
-                continue
+        l1 = struct.unpack(">%dQ" % within, raw)
+        for i in nonzero_indexes(l1):
+            e = l1[i]
             if e & L1E_RESERVED_MASK:
                 self.msg("ERROR found L1 entry with reserved bits set: %x" % e)
                 res["corruptions"] += 1
@@ -208,11 +215,10 @@ class Checker:
         next_contig = 0
         frag = flags & CHECK_FRAG_INFO
         has_df = s.has_data_file
-        for i in range(s.l2_size):
+        used = map(operator.or_, words[0::2], words[1::2]) if ext else words
+        for i in compress(range(s.l2_size), used):      # entries with any bit set
             e = words[i * step]
             bm = words[i * step + 1] if ext else 0
-            if not e and not bm:
-                continue
             t = s.cluster_type(e)
             if t != CL_COMPRESSED and e & L2E_STD_RESERVED_MASK:
                 self.msg("ERROR found l2 entry with reserved bits set: %x" % e)
@@ -256,7 +262,8 @@ class Checker:
                             ok, overlap = self.fix_l2_entry_by_zero(res, l2_offset, table, i,
                                                                     active)
                             if overlap:
-                                return
+                                # something is seriously wrong: the check ends here
+                                raise _fail(errno.EIO)
                             if ok:
                                 continue
                     else:
@@ -355,13 +362,14 @@ class Checker:
     def check_refblocks(self, res, imrt, fix: int) -> None:
         s = self.s
         cs, cb = s.cluster_size, s.cluster_bits
-        i = 0
-        while i < s.refcount_table_size:
-            raw = s.refcount_table[i]
+        # a zero entry has nothing to check (cluster 0 is inside any image that
+        # opened), so only nonzero ones are walked: the table size is from the file
+        n = s.refcount_table_size
+        indexes = nonzero_indexes(s.refcount_table, n) if imrt.n else range(n)
+        for idx in indexes:
+            raw = s.refcount_table[idx]
             off = raw & REFT_OFFSET_MASK
             cluster = off >> cb
-            i += 1
-            idx = i - 1
             if raw & REFT_RESERVED_MASK:
                 self.msg("ERROR refcount table entry %d has reserved bits set" % idx)
                 res["corruptions"] += 1
@@ -644,7 +652,7 @@ class Checker:
         tag = "Repairing" if repair else "ERROR"
         ext = s.extended
         step = 2 if ext else 1
-        for i in range(s.l1_size):
+        for i in nonzero_indexes(s.l1_table, s.l1_size):
             l1e = s.l1_table[i]
             l2_offset = l1e & L1E_OFFSET_MASK
             if not l2_offset:
@@ -677,10 +685,8 @@ class Checker:
             table = bytearray(raw)
             words = struct.unpack(">%dQ" % (len(raw) // 8), raw)
             dirty = 0
-            for j in range(s.l2_size):
+            for j in compress(range(s.l2_size), words[0::step]):    # nonzero entries
                 e = words[j * step]
-                if not e:
-                    continue
                 t = s.cluster_type(e)
                 if t not in (CL_NORMAL, CL_ZERO_ALLOC):
                     continue

@@ -18,6 +18,7 @@ import struct
 
 from ....errors import InvalidArgument
 from ...base import bool_option
+from .sparse import nonzero_indexes
 
 MAIN_HEADER = 1 << 0
 ACTIVE_L1 = 1 << 1
@@ -120,13 +121,14 @@ def check_metadata_overlap(s, ign: int, offset: int, size: int) -> int:
                 return INACTIVE_L1
     end = offset + size
     if chk & ACTIVE_L2:
-        for e in s.l1_table:
-            o = e & _L1E_OFFSET_MASK
+        l1 = s.l1_table
+        for i in nonzero_indexes(l1):       # l1_size may be huge and mostly empty
+            o = l1[i] & _L1E_OFFSET_MASK
             if o and o < end and offset < o + cs:
                 return ACTIVE_L2
     if chk & REFCOUNT_BLOCK:
         tbl = s.refcount_table
-        for i in range(min(s.max_refcount_table_index + 1, len(tbl))):
+        for i in nonzero_indexes(tbl, s.max_refcount_table_index + 1):
             o = tbl[i] & _REFT_OFFSET_MASK
             if o and o < end and offset < o + cs:
                 return REFCOUNT_BLOCK

@@ -34,6 +34,7 @@ from .layout import (BE64, L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK, CL_COMPRE
                      QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS,
                      QCOW_OFLAG_COPIED, SNAPSHOT_EXTRA, SNAPSHOT_HEADER)
 from . import overlap as OL
+from .sparse import nonzero_indexes
 
 QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
 INT_MAX = 0x7FFFFFFF
@@ -168,6 +169,16 @@ def read_table(file, snapshots_offset: int, nb_snapshots: int, disk_size: int,
         pre_sn_offset = offset
         table_length = _align8(table_length)
         offset = _align8(offset)
+        rest = nb_snapshots - i
+        if offset >= rd.end and \
+                table_length + rest * SNAPSHOT_HEADER.size <= QCOW_MAX_SNAPSHOTS_SIZE and \
+                offset + rest * SNAPSHOT_HEADER.size - snapshots_offset <= INT_MAX:
+            # the rest of the table lies past the end of the file: zeroes, that is
+            # empty 40-byte entries all alike (their count is a number from the file)
+            snaps.extend(Snapshot(0, 0, "", "", disk_size, 0, 0, 0, 0, ICOUNT_NONE, 0)
+                         for _ in range(rest))
+            offset += rest * SNAPSHOT_HEADER.size
+            break
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
          extra_size) = SNAPSHOT_HEADER.unpack(rd.read(offset, SNAPSHOT_HEADER.size))
         offset += SNAPSHOT_HEADER.size
@@ -290,10 +301,8 @@ def update_snapshot_refcount(s, l1_table_offset: int, l1_size: int, addend: int)
             l1_table = s.l1_table
         step = s.l2e_size // 8
         sb = s.l2_slice_bytes
-        for i in range(l1_size):
+        for i in nonzero_indexes(l1_table, l1_size):
             old_l2_offset = l1_table[i]
-            if not old_l2_offset:
-                continue
             l2_offset = old_l2_offset & L1E_OFFSET_MASK
             if l2_offset & (cs - 1):
                 s.signal_corruption(True, "L2 table offset %#x unaligned (L1 index: %#x)"
