@@ -100,6 +100,20 @@ class BlockDirtyBitmap:
         with self.lock:
             self.buf[:] = bytes(len(self.buf))
 
+    def truncate(self, size: int) -> None:
+        """bdrv_dirty_bitmap_truncate(): follow the node to its new size.  The bits past
+        a shrunk end are dropped; the chunks past the old end start clean."""
+        nbits = -(-size // self.granularity)
+        nbytes = ((nbits + 63) // 64) * 8 or 8
+        with self.lock:
+            if nbits < self.nbits:
+                _native.bitmap_reset_range(self.buf, nbits, self.nbits - nbits)
+            if nbytes < len(self.buf):
+                del self.buf[nbytes:]
+            else:
+                self.buf.extend(bytes(nbytes - len(self.buf)))
+            self.size, self.nbits = size, nbits
+
     def set_all(self) -> None:
         with self.lock:
             _native.bitmap_set_range(self.buf, 0, self.nbits)

@@ -314,6 +314,8 @@ class BlockNode:
             raise InvalidArgument("Image size cannot be negative")
         with self.lock:
             self.drv.truncate(size, exact, prealloc)
+            for bitmap in self.dirty_bitmaps:      # as bdrv_co_truncate() does
+                bitmap.truncate(self.total_size)
 
     # ---- block status -----------------------------------------------------------------
     def block_status(self, offset: int, length: int, want_zero: bool = True) -> Status:

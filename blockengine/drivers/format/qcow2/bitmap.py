@@ -31,7 +31,7 @@ import errno
 import struct
 import sys
 
-from ....errors import BlockError, InvalidImage
+from ....errors import BlockError, InvalidImage, NotSupported
 from . import layout as L
 from . import overlap as OL
 
@@ -359,6 +359,20 @@ class Qcow2BitmapMixin:
                     B.remove_bitmap(self.node, bm)
             else:
                 bm.readonly = True
+
+    def truncate_bitmaps_check(self) -> None:
+        """qcow2_truncate_bitmaps_check(): a resize is refused unless every bitmap of
+        the image is loaded and usable: the generic layer resizes them in memory and
+        they reach the image, at the new size, when they are stored on close."""
+        if not self.bitmaps_ext:
+            return
+        from .... import bitmaps as B
+        for e in self._bitmap_list_load():
+            bm = B.find_bitmap(self.node, e.name)
+            if bm is None:
+                raise NotSupported("Cannot resize qcow2 with persistent bitmaps that "
+                                   "were not loaded into memory")
+            B.check_usable(bm)
 
     # ------------------------------------------------------------------ QMP hooks
     def _check_constraints(self, name: str, granularity: int) -> None:

@@ -1028,8 +1028,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             raise InvalidArgument("The new size must be a multiple of 512")
         if self.nb_snapshots and self.version < 3:
             raise NotSupported("Can't resize a v2 image which has snapshots")
-        if self.bitmaps_ext:
-            raise NotSupported("Can't resize an image which has bitmaps")
+        self.truncate_bitmaps_check()
         old_length = self.total_size
         new_l1_size = L.size_to_l1(self.cluster_bits, self.l2_bits, size)
         # bdrv_co_truncate() asks for zeroes when a longer backing file would show through
