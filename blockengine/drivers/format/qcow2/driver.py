@@ -797,7 +797,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         pos, total = 0, len(buf)
         while pos < total:
             for n, t, host in self.get_host_runs(offset + pos, total - pos):
-                view = buf[pos:pos + n]
+                view = buf if n == total else buf[pos:pos + n]
                 if t == SC_NORMAL:
                     self.data_file.preadv(host, view)
                     if self.crypto is not None:
