@@ -116,6 +116,9 @@ class BlockDriver:
         """Switch between read-only and read-write; raise to refuse (state unchanged)."""
 
     # ---- geometry ----------------------------------------------------------------
+    #: preadv/pwritev may run without the node lock (stateless protocol drivers)
+    thread_safe = False
+
     def get_length(self) -> int:
         raise NotImplementedError
 

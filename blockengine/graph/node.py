@@ -18,7 +18,8 @@ from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET
                             BLOCK_RAW, BLOCK_RECURSE, BLOCK_ZERO, DriverKind,
                             PreallocMode, Status)
 from ..errors import BlockError, InvalidArgument, NotSupported
-from ..io.request import align_down, align_up, check_request, chunks, is_aligned
+from ..io.request import (MAX_REQUEST_BYTES, align_down, align_up, check_request, chunks,
+                          is_aligned)
 from .child import BdrvChild, ChildRole
 from .perms import Perm
 
@@ -168,12 +169,24 @@ class BlockNode:
         """Read len(buf) bytes at offset into buf (any writable buffer).  Never short."""
         buf = memoryview(buf).cast("B")
         length = len(buf)
-        check_request(offset, length, self._bound())
+        drv = self.drv
+        # check_request() with the node's bound, inlined: this runs for every read
+        if offset < 0 or length < 0 or offset > MAX_REQUEST_BYTES - length or (
+                drv.info.kind is not DriverKind.PROTOCOL
+                and offset + length > align_up(drv.get_length(), SECTOR_SIZE)):
+            check_request(offset, length, self._bound())
         if length == 0:
             return
-        align = self.request_alignment
-        if is_aligned(offset, length, align):
-            self._aligned_read(offset, buf)
+        align = drv.request_alignment()
+        if align == 1 or is_aligned(offset, length, align):
+            if length <= drv.max_transfer():     # _aligned_read() of one request
+                if drv.thread_safe:
+                    drv.preadv(offset, buf)
+                else:
+                    with self.lock:
+                        drv.preadv(offset, buf)
+            else:
+                self._aligned_read(offset, buf)
             return
         start, end = align_down(offset, align), align_up(offset + length, align)
         bounce = bytearray(end - start)
@@ -181,14 +194,18 @@ class BlockNode:
         buf[:] = bounce[offset - start:offset - start + length]
 
     def _aligned_read(self, offset: int, buf: memoryview) -> None:
-        maxt = self.drv.max_transfer()
+        drv = self.drv
+        maxt = drv.max_transfer()
+        if len(buf) <= maxt:
+            self._locked(drv.preadv, offset, buf)
+            return
         pos = 0
         for off, n in chunks(offset, len(buf), maxt):
-            self._locked(self.drv.preadv, off, buf[pos:pos + n])
+            self._locked(drv.preadv, off, buf[pos:pos + n])
             pos += n
 
     def _locked(self, fn, *args):
-        if getattr(self.drv, "thread_safe", False):
+        if self.drv.thread_safe:
             return fn(*args)
         with self.lock:
             return fn(*args)

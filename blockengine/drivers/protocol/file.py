@@ -145,7 +145,7 @@ class FileDriver(BlockDriver):
         done, total = 0, len(buf)
         try:
             while done < total:
-                n = os.preadv(self.fd, [buf[done:]], offset + done)
+                n = os.preadv(self.fd, [buf[done:] if done else buf], offset + done)
                 if n == 0:             # end of file: the rest reads as zeroes
                     buf[done:] = bytes(total - done)
                     return

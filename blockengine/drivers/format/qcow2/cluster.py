@@ -23,10 +23,13 @@ from .layout import (BDRV_REQUEST_MAX_BYTES, CL_COMPRESSED, CL_NORMAL, CL_UNALLO
                      QCOW2_DISCARD_OTHER, QCOW2_DISCARD_REQUEST, QCOW_L2_BITMAP_ALL_ALLOC,
                      QCOW_L2_BITMAP_ALL_ZEROES, QCOW_MAX_L1_SIZE, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_SUB_ALLOC_RANGE, QCOW_OFLAG_SUB_ZERO_RANGE,
-                     QCOW_OFLAG_ZERO, SC_COMPRESSED, SC_INVALID, SC_NORMAL, SC_UNALLOCATED_ALLOC,
+                     QCOW_OFLAG_ZERO, L2E_STD_RESERVED_MASK, SC_COMPRESSED, SC_INVALID, SC_NORMAL, SC_UNALLOCATED_ALLOC,
                      SC_UNALLOCATED_PLAIN, SC_ZERO_ALLOC, SC_ZERO_PLAIN)
 from .native import N
 from . import overlap as OL
+
+# L2 entry bits that need the full classification of l2_scan
+_SCAN_BITS = QCOW_OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK
 
 _BE64_AT = struct.Struct(">Q").unpack_from
 _BE128_AT = struct.Struct(">QQ").unpack_from
@@ -163,6 +166,18 @@ class ClusterMixin:
             return [(length, SC_UNALLOCATED_PLAIN, 0)]
         table = self.l2_cache.get(l2_offset + slice_no * self.l2_slice_bytes)
         nclusters = (in_cluster + length + cs - 1) >> cb
+        if nclusters == 1 and not self.extended and not self.has_data_file:
+            # a small request: decoding its one entry here is cheaper than a bulk scan;
+            # anything unusual (compressed, reserved bits, unaligned) takes the scan
+            e = _BE64_AT(table, idx * 8)[0]
+            host = e & L2E_OFFSET_MASK
+            if not e & _SCAN_BITS and not host & (cs - 1):
+                if e & QCOW_OFLAG_ZERO:
+                    return [(length, SC_ZERO_ALLOC, host + in_cluster) if host
+                            else (length, SC_ZERO_PLAIN, 0)]
+                if host:
+                    return [(length, SC_NORMAL, host + in_cluster)]
+                return [(length, SC_UNALLOCATED_PLAIN, 0)]
         out: list[tuple[int, int, int]] = []
         if not self.extended:
             skip = in_cluster
