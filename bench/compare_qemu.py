@@ -40,9 +40,10 @@ class Case:
 PBKDF_FLAKE = "Unable to get accurate CPU usage"
 
 
-def run_timed(argv: list[str]) -> tuple[float, float, int]:
-    """(seconds, peak RSS MiB, exit code) of one child process (run again after a
-    PBKDF_FLAKE)."""
+def run_timed(argv: list[str]) -> tuple[float, float, int, float]:
+    """(seconds, peak RSS MiB, exit code, CPU seconds) of one child process (run again
+    after a PBKDF_FLAKE).  CPU time (user + system, all threads) is the steadier
+    measure on a loaded machine."""
     for _ in range(5):
         result, err = _run_timed_once(argv)
         if PBKDF_FLAKE not in err:
@@ -52,7 +53,7 @@ def run_timed(argv: list[str]) -> tuple[float, float, int]:
     return result
 
 
-def _run_timed_once(argv: list[str]) -> tuple[tuple[float, float, int], str]:
+def _run_timed_once(argv: list[str]) -> tuple[tuple[float, float, int, float], str]:
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -60,7 +61,8 @@ def _run_timed_once(argv: list[str]) -> tuple[tuple[float, float, int], str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace").strip()
     proc.stderr.close()
-    return (elapsed, usage.ru_maxrss / 1024, proc.returncode), err
+    cpu = usage.ru_utime + usage.ru_stime
+    return (elapsed, usage.ru_maxrss / 1024, proc.returncode, cpu), err
 
 
 def make_raw(path: str, size: int, data_fraction: float = 0.25, extent: int = 1 << 20,
@@ -257,7 +259,7 @@ def main() -> int:
     size = args.size_mib << 20
     work = args.workdir or tempfile.mkdtemp(prefix="be-bench-", dir=os.environ.get("TMPDIR"))
     print(f"{'case':28} {'qemu-img s':>10} {'blockengine s':>13} {'ratio':>6} "
-          f"{'qemu MiB':>8} {'be MiB':>7}")
+          f"{'qemu MiB':>8} {'be MiB':>7} {'qemu cpu':>8} {'be cpu':>7} {'cpu ratio':>9}")
     worst = 0.0
     for case in CASES:
         if not any(part in case.name for part in args.only.split(",")):
@@ -268,7 +270,7 @@ def main() -> int:
         argv = case.prepare(work, size)
         results = {}
         for tool, prefix in (("qemu", ["qemu-img"]), ("be", blockengine_argv())):
-            best = (float("inf"), 0.0, 0)
+            best = (float("inf"), 0.0, 0, 0.0)
             for _ in range(args.repeat):
                 for out in case.outputs:
                     p = os.path.join(work, out)
@@ -277,13 +279,14 @@ def main() -> int:
                 t = run_timed(prefix + argv)
                 best = min(best, t, key=lambda x: x[0])
             results[tool] = best
-        (tq, mq, rq), (tb, mb, rb) = results["qemu"], results["be"]
+        (tq, mq, rq, cq), (tb, mb, rb, cb) = results["qemu"], results["be"]
         ratio = tb / tq if tq else float("inf")
         worst = max(worst, ratio)
         flag = "" if rq == rb else f"  (exit codes differ: qemu {rq}, be {rb})"
         rss_flag = "  RSS over target" if mb > RSS_TARGET_MIB else ""
+        cpu_ratio = cb / cq if cq else float("inf")
         print(f"{case.name:28} {tq:10.3f} {tb:13.3f} {ratio:6.2f} {mq:8.1f} {mb:7.1f}"
-              f"{flag}{rss_flag}", flush=True)
+              f" {cq:8.2f} {cb:7.2f} {cpu_ratio:9.2f}{flag}{rss_flag}", flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(f"worst ratio: {worst:.2f}")
