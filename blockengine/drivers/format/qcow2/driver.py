@@ -1008,6 +1008,17 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             return
         self.cluster_discard(start, aligned_end - start, L.QCOW2_DISCARD_REQUEST, False)
 
+    def make_empty(self) -> None:
+        """qcow2_make_empty() (bdrv_make_empty, `img commit` empties the committed image):
+        every cluster unallocated, so reads fall through to the backing file again.
+        QEMU's general path; its shortcut for v3 images without snapshots (truncate to
+        the header clusters, make_completely_empty) gives the same guest view."""
+        self._begin_write()
+        step = (2**31 - 1) // self.cluster_size * self.cluster_size
+        for offset in range(0, self.total_size, step):
+            self.cluster_discard(offset, min(step, self.total_size - offset),
+                                 L.QCOW2_DISCARD_SNAPSHOT, True)
+
     def flush(self) -> None:
         """qcow2_co_flush_to_os(): write back the metadata caches."""
         if getattr(self, "l2_cache", None) is None or self.unusable or self.node.read_only:
