@@ -106,6 +106,7 @@ WRITES_A = ["write -P 0x11 0 128k", "write -P 0x22 1M 64k", "write -c -P 0x66 4M
             "write -z 8M 64k"]
 WRITES_B = ["write -P 0x33 0 64k", "write -P 0x44 2M 8k", "discard 1M 64k"]
 
+_OPERAND = "img.qcow2"
 # ("img", args...) runs through both tools with the image as last operand, ("argv", ...)
 # exactly as given; ("io", cmds...) writes with qemu-io on both sides
 SEQUENCES = {
@@ -130,6 +131,12 @@ SEQUENCES = {
         ("argv", "snapshot", "--image-opts", "-l", "driver=qcow2,file.filename=img.qcow2"),
         ("img", "snapshot", "-a", "q1"), ("img", "snapshot", "-d", "1"),
         ("img", "snapshot"), ("img", "snapshot", "-l", "-l")],
+    "resize": [
+        ("img", "snapshot", "-c", "s1"), ("argv", "resize", _OPERAND, "32M"),
+        ("io", "write -P 0x22 12M 1M"), ("img", "snapshot", "-c", "s2"),
+        ("argv", "resize", "--shrink", _OPERAND, "8M"), ("img", "snapshot", "-a", "s1"),
+        ("img", "info"), ("img", "snapshot", "-a", "s2"), ("img", "info"),
+        ("img", "snapshot", "-d", "s1")],
     "write_after_snapshot": [
         ("img", "snapshot", "-c", "base"), ("io", *WRITES_B),
         ("img", "snapshot", "-c", "second"), ("io", "write -P 0x77 0 192k"),
@@ -144,9 +151,6 @@ IMAGE_KINDS = {
     "v2": "compat=0.10",
     "lazy": "lazy_refcounts=on",
 }
-_OPERAND = "img.qcow2"
-
-
 def _argv(step):
     return list(step[1:]) + ([_OPERAND] if step[0] == "img" else [])
 

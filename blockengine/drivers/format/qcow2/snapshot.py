@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import errno
 import struct
-import sys
 from dataclasses import dataclass
+from itertools import compress
 
 from ....errors import BlockError, InvalidImage, NotSupported
 from .layout import (BE64, L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK, CL_COMPRESSED,
@@ -299,7 +299,6 @@ def update_snapshot_refcount(s, l1_table_offset: int, l1_size: int, addend: int)
         else:
             assert l1_size == s.l1_size
             l1_table = s.l1_table
-        step = s.l2e_size // 8
         sb = s.l2_slice_bytes
         for i in nonzero_indexes(l1_table, l1_size):
             old_l2_offset = l1_table[i]
@@ -308,25 +307,7 @@ def update_snapshot_refcount(s, l1_table_offset: int, l1_size: int, addend: int)
                 s.signal_corruption(True, "L2 table offset %#x unaligned (L1 index: %#x)"
                                     % (l2_offset, i))
             for slice_no in range(cs // sb):
-                slice_off = l2_offset + slice_no * sb
-                table = s.l2_cache.get(slice_off)
-                words = struct.unpack(">%dQ" % (sb // 8), table)
-                for j in range(s.l2_slice_size):
-                    old_entry = words[j * step]
-                    if not old_entry:
-                        continue
-                    entry = old_entry & ~QCOW_OFLAG_COPIED
-                    refcount = _entry_refcount(s, entry, addend, decrease, l2_offset,
-                                               slice_no * s.l2_slice_size + j)
-                    if refcount == 1:
-                        entry |= QCOW_OFLAG_COPIED
-                    if entry != old_entry:
-                        if addend > 0:
-                            # COPIED may only go away once the refcounts are on disk
-                            s.l2_cache.set_dependency(s.refcount_cache)
-                        table = s.l2_cache.get(slice_off)
-                        s.set_l2_entry(table, j, entry)
-                        s.l2_cache.mark_dirty(slice_off, table)
+                _update_slice(s, l2_offset, slice_no, addend)
             if addend:
                 s.update_refcount(l2_offset, 1, 1, decrease, QCOW2_DISCARD_SNAPSHOT)
             if s.get_refcount(l2_offset >> cb) == 1:
@@ -344,6 +325,69 @@ def update_snapshot_refcount(s, l1_table_offset: int, l1_size: int, addend: int)
     if ok and addend >= 0 and l1_modified:
         s.file.pwrite(l1_table_offset, struct.pack(">%dQ" % l1_size, *l1_table))
         s.file.flush()
+
+
+def _update_slice(s, l2_offset: int, slice_no: int, addend: int) -> None:
+    """The entries of one L2 slice, in order, as qcow2_update_snapshot_refcount() walks
+    them; runs of consecutive host clusters get their refcounts changed with one call
+    (a run that fails is redone cluster by cluster, so that what QEMU would have
+    changed before the failing cluster is changed here too)."""
+    decrease = addend < 0
+    slice_off = l2_offset + slice_no * s.l2_slice_bytes
+    table = s.l2_cache.get(slice_off)
+    step = s.l2e_size // 8
+    words = struct.unpack(">%dQ" % (len(table) // 8), table)
+    base = slice_no * s.l2_slice_size
+    changes: list[tuple[int, int]] = []
+    run: list[tuple[int, int]] = []        # (index, entry) of consecutive host clusters
+
+    def flag(j: int, entry: int, refcount: int) -> None:
+        if refcount == 1:
+            entry |= QCOW_OFLAG_COPIED
+        if entry != words[j * step]:
+            changes.append((j, entry))
+
+    def flush_run() -> None:
+        if not run:
+            return
+        first = (run[0][1] & L2E_OFFSET_MASK) >> s.cluster_bits
+        try:
+            if addend:
+                s.update_refcount(first << s.cluster_bits, len(run) << s.cluster_bits, 1,
+                                  decrease, QCOW2_DISCARD_SNAPSHOT)
+        except BlockError:
+            for j, entry in run:        # rolled back: now one by one, up to the failure
+                flag(j, entry, _entry_refcount(s, entry, addend, decrease, l2_offset,
+                                               base + j))
+        else:
+            for (j, entry), rc in zip(run, s.get_refcount_range(first, len(run))):
+                flag(j, entry, rc)
+        run.clear()
+
+    try:
+        for j in compress(range(s.l2_slice_size), words[0::step]):
+            entry = words[j * step] & ~QCOW_OFLAG_COPIED
+            t = s.cluster_type(entry)
+            offset = entry & L2E_OFFSET_MASK
+            if t in (CL_NORMAL, CL_ZERO_ALLOC) and not s.has_data_file and \
+                    not offset & (s.cluster_size - 1):
+                if run and (run[-1][1] & L2E_OFFSET_MASK) + s.cluster_size != offset:
+                    flush_run()
+                run.append((j, entry))
+                continue
+            flush_run()
+            flag(j, entry, _entry_refcount(s, entry, addend, decrease, l2_offset, base + j))
+        flush_run()
+    finally:
+        # what was changed before a failure stays changed, as in QEMU
+        if changes:
+            if addend > 0:
+                # OFLAG_COPIED may only go away once the refcounts are on disk
+                s.l2_cache.set_dependency(s.refcount_cache)
+            table = s.l2_cache.get(slice_off)
+            for j, entry in changes:
+                s.set_l2_entry(table, j, entry)
+            s.l2_cache.mark_dirty(slice_off, table)
 
 
 def _entry_refcount(s, entry: int, addend: int, decrease: bool, l2_offset: int,
