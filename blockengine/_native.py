@@ -77,7 +77,7 @@ _API_NAMES = (
     "buffer_is_zero", "zero_runs",
     "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
     "xor_into",
-    "l2_map", "map_state", "map_feed", "map_finish",
+    "l2_map", "seek_map", "map_state", "map_feed", "map_finish",
 )
 
 
@@ -461,6 +461,25 @@ def _build_api(ffi, lib) -> SimpleNamespace:
             return _py.l2_map(table, start_index, count, cluster_bits, guest, skip,
                               length, unalloc_flags, file)
 
+    def seek_map(fd, offset, length, file):
+        try:
+            out = new_raw("be_map_entry[]", MAP_CHUNK)
+            covered = new_raw("uint64_t *")
+            parts, total = [], 0
+            while True:
+                rc = lib.be_seek_map(fd, offset, length, file, out, MAP_CHUNK, covered)
+                if rc < 0:
+                    fail(rc, "seek_map")
+                parts.append(unpack_buffer(out, 40 * rc)[:])
+                done = covered[0]
+                total += done
+                if rc < MAP_CHUNK or done >= length:
+                    return b"".join(parts), total
+                offset += done
+                length -= done
+        except OverflowError:
+            return _py.seek_map(fd, offset, length, file)
+
     class MapState:
         __slots__ = ("st", "names", "nnames", "c_names")
 
@@ -573,6 +592,7 @@ cbc_encrypt_step = _impl.cbc_encrypt_step
 ctr_counters = _impl.ctr_counters
 xor_into = _impl.xor_into
 l2_map = _impl.l2_map
+seek_map = _impl.seek_map
 map_state = _impl.map_state
 map_feed = _impl.map_feed
 map_finish = _impl.map_finish

@@ -23,6 +23,8 @@ Shared contracts
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from array import array
 
@@ -72,7 +74,7 @@ __all__ = [
     "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
     "xor_into",
     "MAP_DATA", "MAP_ZERO", "MAP_PRESENT", "MAP_HAS_OFFSET", "MAP_STOP", "MAP_ENTRY",
-    "l2_map", "map_state", "map_feed", "map_finish",
+    "l2_map", "seek_map", "map_state", "map_feed", "map_finish",
 ]
 
 
@@ -761,6 +763,40 @@ def l2_map(table, start_index: int, count: int, cluster_bits: int, guest: int,
         left -= nbytes
         skip = 0
     return bytes(out), covered
+
+
+def seek_map(fd: int, offset: int, length: int, file: int) -> tuple[bytes, int]:
+    """`img map` entries (packed ``MAP_ENTRY`` records) of the data and hole extents
+    of the open file ``fd`` in [offset, offset + length), found with SEEK_DATA and
+    SEEK_HOLE as the file driver's block_status(want_zero) does: present, with the
+    host offset in file ``file``.  Returns (records, bytes covered).  Raises
+    IndexError for a range beyond 2^63."""
+    end = offset + length
+    if offset < 0 or length < 0 or end >= 1 << 63:
+        raise IndexError("seek_map: range out of bounds")
+    out = bytearray()
+    pack = MAP_ENTRY.pack
+    start = offset
+    while offset < end:
+        left = end - offset
+        flags = MAP_DATA
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            flags = MAP_ZERO if e.errno == errno.ENXIO else MAP_DATA
+            n = left
+        else:
+            if data > offset:
+                flags, n = MAP_ZERO, min(left, data - offset)
+            else:
+                try:
+                    hole = os.lseek(fd, offset, os.SEEK_HOLE)
+                except OSError:
+                    hole = end
+                n = min(left, max(hole - offset, 1))
+        out += pack(offset, n, offset, flags | MAP_PRESENT | MAP_HAS_OFFSET, 0, file, 0)
+        offset += n
+    return bytes(out), offset - start
 
 
 class _MapState:

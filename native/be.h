@@ -207,6 +207,13 @@ int64_t be_l2_map(const uint8_t *table, size_t table_len,
                   uint32_t unalloc_flags, uint32_t file,
                   be_map_entry *out, size_t max_entries, uint64_t *covered);
 
+/* Entries of a file's data and hole extents in [offset, offset + length)
+ * found with SEEK_DATA/SEEK_HOLE as the file driver's block status does (data
+ * and holes are present, with the host offset in file); at most max_entries.
+ * Returns the number of entries and stores the bytes covered. */
+int64_t be_seek_map(int fd, uint64_t offset, uint64_t length, uint32_t file,
+                    be_map_entry *out, size_t max_entries, uint64_t *covered);
+
 /* Merge entries into st->curr and print each finished one (JSON, or the
  * human format with names[file]) into out.  Stops early with BE_ERANGE when
  * out is full, or BE_MAP_EXTERNAL (human only); *consumed tells how many

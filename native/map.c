@@ -7,9 +7,12 @@
  * finished ones with img_map()'s rules and printf formats.  Their Python
  * twins are l2_map / map_feed / map_finish in blockengine/_pynative.py.
  */
+#define _GNU_SOURCE         /* SEEK_DATA, SEEK_HOLE */
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "be.h"
 
@@ -93,6 +96,50 @@ int64_t be_l2_map(const uint8_t *table, size_t table_len,
             skip = 0;
         }
         idx = runs[nruns - 1].first_index + runs[nruns - 1].n;
+    }
+    return (int64_t)n_out;
+}
+
+int64_t be_seek_map(int fd, uint64_t offset, uint64_t length, uint32_t file,
+                    be_map_entry *out, size_t max_entries, uint64_t *covered)
+{
+    const uint64_t end = offset + length;
+    size_t n_out = 0;
+
+    *covered = 0;
+    if (end < offset || end > (uint64_t)INT64_MAX) {
+        return BE_ERANGE;
+    }
+    while (offset < end && n_out < max_entries) {
+        uint64_t n, left = end - offset;
+        uint32_t flags = BE_MAP_DATA;
+        off_t data = lseek(fd, (off_t)offset, SEEK_DATA);
+
+        if (data < 0) {
+            /* ENXIO: only a hole up to EOF; other errors: all data */
+            flags = errno == ENXIO ? BE_MAP_ZERO : BE_MAP_DATA;
+            n = left;
+        } else if ((uint64_t)data > offset) {
+            flags = BE_MAP_ZERO;
+            n = (uint64_t)data - offset < left ? (uint64_t)data - offset : left;
+        } else {
+            off_t hole = lseek(fd, (off_t)offset, SEEK_HOLE);
+            uint64_t h = hole < 0 ? end : (uint64_t)hole;
+            n = h > offset ? h - offset : 1;
+            if (n > left) {
+                n = left;
+            }
+        }
+        out[n_out].start = offset;
+        out[n_out].length = n;
+        out[n_out].offset = offset;
+        out[n_out].flags = flags | BE_MAP_PRESENT | BE_MAP_HAS_OFFSET;
+        out[n_out].depth = 0;
+        out[n_out].file = file;
+        out[n_out].pad = 0;
+        n_out++;
+        offset += n;
+        *covered += n;
     }
     return (int64_t)n_out;
 }

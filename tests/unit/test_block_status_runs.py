@@ -207,3 +207,27 @@ def test_batched_map_and_cursor_equal_per_extent(seed, data):
                     if step > 512 and data.draw(st.booleans()):
                         step = data.draw(st.integers(1, step - 1)) // 512 * 512 or step
                     offset += step
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_raw_map_equals_per_extent(seed, data):
+    """The bulk map of raw images (native SEEK_DATA/SEEK_HOLE walk) equals the
+    per-extent walk, for sparse files of any size (unaligned tails included)."""
+    r = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "disk.raw")
+        size = r.randrange(1, 64) * 4096 * 16 + r.choice([0, 100, 512, 4095])
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for _ in range(r.randrange(0, 12)):
+                f.seek(r.randrange(size))
+                f.write(r.randbytes(r.choice([1, 512, 4096, 70000])))
+        with blockengine.open(path, "raw", read_only=True) as img:
+            node, size = img.node, img.size
+            start = data.draw(st.sampled_from([0, data.draw(st.integers(0, size))]))
+            end = data.draw(st.sampled_from([size, data.draw(st.integers(start, size))]))
+            for human in (False, True):
+                assert (_map_text(node, start, end, human)
+                        == _map_text_per_extent(node, start, end, human))

@@ -319,6 +319,25 @@ def test_l2_map_same(data, stop):
 
 
 @SETTINGS
+@given(data=st.data())
+def test_seek_map_same(data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("seek") / "sparse"
+    size = data.draw(st.integers(0, 1 << 20))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(data.draw(st.integers(0, 8))):
+            f.seek(data.draw(st.integers(0, max(size - 1, 0))))
+            f.write(b"x" * data.draw(st.integers(1, 70000)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = data.draw(st.integers(0, size + 4096))
+        length = data.draw(st.integers(0, size + 8192))
+        same("seek_map", fd, offset, length, 2)
+    finally:
+        os.close(fd)
+
+
+@SETTINGS
 @given(data=st.data(), human=st.booleans())
 def test_map_printing_same(data, human):
     """Random entry streams (mergeable neighbours included) print the same."""

@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 
+from ... import _native
 from ...errors import BlockError, InvalidArgument, LockError, NotSupported, io_failure
 from ...graph.perms import PERM_NAMES, Perm
 from ..base import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, BlockDriver, DriverInfo,
@@ -255,6 +256,12 @@ class FileDriver(BlockDriver):
             out.append(st)
             offset += st.length
         return out
+
+    def map_packed(self, offset: int, length: int, file_id) -> tuple[bytes, int]:
+        """`img map` entries of [offset, offset + length) in one native call (the
+        extents block_status finds, as packed ``_native.MAP_ENTRY`` records)."""
+        length = min(length, max(0, self.node.total_size - offset))
+        return _native.seek_map(self.fd, offset, length, file_id(self.node.filename()))
 
     # ---- image locking ------------------------------------------------------------------------
     def check_perm(self, perm: Perm, shared: Perm) -> None:
