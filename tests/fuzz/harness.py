@@ -13,10 +13,13 @@ from blockengine.errors import BlockError
 from blockengine.graph.graph import Graph
 
 MiB = 1 << 20
+SNAPSHOT_MAX_L1 = 1 << 16
 
 
-def make_seed_image(path, cluster_size: int = 4096, extra: dict | None = None) -> bytes:
-    """A small valid image with data, zero clusters, two L2 tables; returns its bytes."""
+def make_seed_image(path, cluster_size: int = 4096, extra: dict | None = None,
+                    snapshot: bool = False) -> bytes:
+    """A small valid image with data, zero clusters, two L2 tables (and, with
+    ``snapshot``, an internal snapshot sharing them); returns its bytes."""
     from blockengine.drivers.format.qcow2.driver import Qcow2Driver
     opts = {"cluster_size": cluster_size, **(extra or {})}
     Qcow2Driver.create(str(path), 4 * MiB, opts)
@@ -25,6 +28,9 @@ def make_seed_image(path, cluster_size: int = 4096, extra: dict | None = None) -
     node.pwrite(0, b"\x11" * 8192)
     node.pwrite(3 * MiB, b"\x22" * 4096)
     node.pwrite_zeroes(64 * 1024, 8192, False)
+    if snapshot:
+        node.drv.snapshot_create("seed", 1700000000, 0)
+        node.pwrite(4096, b"\x33" * 4096)
     g.close_all()
     with open(path, "rb") as f:
         return f.read()
@@ -44,6 +50,11 @@ def interesting_offsets(data: bytes) -> list[int]:
             if l2 and l2 + 64 <= len(data):
                 out += [l2 + 8 * j for j in range(8)]
         out += [rt_off + 8 * i for i in range(4)]
+        if nb_sn:
+            # the first snapshot table entry: L1 offset and size, id/name sizes, extra
+            out += [sn_off + o for o in (0, 4, 8, 12, 14, 36, 40, 48, 56)]
+            sn_l1 = struct.unpack_from(">Q", data, sn_off)[0]
+            out += [sn_l1 + 8 * i for i in range(2)]
         rb = struct.unpack_from(">Q", data, rt_off)[0] & ~0x1FF
         if rb and rb + 32 <= len(data):
             out += [rb + 2 * j for j in range(16)]
@@ -91,6 +102,7 @@ def exercise(path) -> None:
                     if off + 4096 <= size:
                         _guarded(lambda: node.pread(off, 4096))
                 _guarded(lambda: node.drv.check(0))
+                _guarded(lambda: node.drv.snapshot_list())
                 _guarded(lambda: node.block_status_above(0, min(size, MiB))
                          if size else None)
             finally:
@@ -117,6 +129,15 @@ def exercise(path) -> None:
                     _guarded(lambda: node.pwrite_zeroes(MiB, 65536, True))
                     _guarded(lambda: node.discard(0, 65536))
                 _guarded(node.flush)
+                drv = node.drv
+                # a snapshot copies the whole L1 table (l1_size entries, up to 32 MiB,
+                # as in QEMU): only small tables, so that time stays bounded by the file
+                if getattr(drv, "l1_size", 1 << 30) <= SNAPSHOT_MAX_L1:
+                    _guarded(lambda: drv.snapshot_create("fuzz", 1700000000, 0))
+                    for sn in list(getattr(drv, "snapshots", []))[:3]:
+                        _guarded(lambda: drv.snapshot_goto(sn.id_str))
+                        _guarded(lambda: drv.snapshot_delete(sn.id_str, sn.name))
+                    _guarded(node.flush)
             finally:
                 _guarded(g.close_all)
         _guarded(ro)

@@ -14,11 +14,11 @@ from tests.fuzz import harness
 SEEDS = {}
 
 
-def seed(tmp_path_factory, cs, extra=()):
-    key = (cs, extra)
+def seed(tmp_path_factory, cs, extra=(), snapshot=False):
+    key = (cs, extra, snapshot)
     if key not in SEEDS:
         p = tmp_path_factory.mktemp("seed") / "seed.qcow2"
-        SEEDS[key] = harness.make_seed_image(p, cs, dict(extra))
+        SEEDS[key] = harness.make_seed_image(p, cs, dict(extra), snapshot)
     return SEEDS[key]
 
 
@@ -30,9 +30,10 @@ MUTATION = st.tuples(st.integers(0, 1 << 20), st.sampled_from(["byte", "u32", "u
 STATS = {"examples": 0}
 
 
-@pytest.mark.parametrize("cs,extra", [(4096, ()), (65536, ())])
-def test_fuzz_mutated_images(tmp_path_factory, tmp_path, cs, extra):
-    data = seed(tmp_path_factory, cs, extra)
+@pytest.mark.parametrize("cs,extra,snapshot", [(4096, (), False), (65536, (), False),
+                                               (4096, (), True)])
+def test_fuzz_mutated_images(tmp_path_factory, tmp_path, cs, extra, snapshot):
+    data = seed(tmp_path_factory, cs, extra, snapshot)
     offsets = harness.interesting_offsets(data)
     path = tmp_path / "fuzz.qcow2"
 
