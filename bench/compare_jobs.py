@@ -134,7 +134,16 @@ def check_result(case: Case, work: str) -> None:
         raise RuntimeError("%s: result differs: %s" % (case.name, r.stdout + r.stderr))
 
 
-def time_job(binary: str, case: Case, work: str, size: int, verify: bool = True) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_job(binary: str, case: Case, work: str, size: int,
+             verify: bool = True) -> tuple[float, float]:
+    """(wall seconds, daemon CPU seconds) of one job."""
     adds = case.setup(work, size)
     qmp = QSD(binary)
     qmp.timeout = 600
@@ -142,6 +151,7 @@ def time_job(binary: str, case: Case, work: str, size: int, verify: bool = True)
         for a in adds:
             qmp.cmd("blockdev-add", **a)
         name, args = case.command
+        cpu = cpu_seconds(qmp.proc.pid)
         start = time.perf_counter()
         qmp.cmd(name, **{"job-id": "j"}, **args)
         if case.needs_complete:
@@ -149,6 +159,7 @@ def time_job(binary: str, case: Case, work: str, size: int, verify: bool = True)
             qmp.cmd("block-job-complete", device="j")
         ev = qmp.wait_event("BLOCK_JOB_COMPLETED", 600)
         elapsed = time.perf_counter() - start
+        cpu = cpu_seconds(qmp.proc.pid) - cpu
         if "error" in ev["data"]:
             raise RuntimeError("%s failed: %s" % (case.name, ev["data"]["error"]))
         if ev["data"]["offset"] != size:
@@ -158,7 +169,7 @@ def time_job(binary: str, case: Case, work: str, size: int, verify: bool = True)
         qmp.close()
     if verify:
         check_result(case, work)
-    return elapsed
+    return elapsed, cpu
 
 
 def profile_job(case: Case, work: str, size: int, top: int = 30) -> None:
@@ -195,19 +206,26 @@ def profile_job(case: Case, work: str, size: int, top: int = 30) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
-def time_convert(argv: list[str], work: str) -> float:
+def time_convert(argv: list[str], work: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one qemu-img convert."""
     out = argv[-1]
     if os.path.exists(out):
         os.unlink(out)
     start = time.perf_counter()
-    subprocess.run(["qemu-img", *argv], check=True)
+    proc = subprocess.Popen(["qemu-img", *argv])
+    _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
+    if status:
+        raise RuntimeError("qemu-img %s failed" % " ".join(argv))
     os.unlink(out)
-    return elapsed
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
-def best(fn, repeat: int) -> float:
-    return min(fn() for _ in range(repeat))
+def best(fn, repeat: int) -> tuple[float, float]:
+    """The least wall time and the least CPU time of ``repeat`` runs (on a shared
+    machine the CPU time is the steadier figure)."""
+    runs = [fn() for _ in range(repeat)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
 def main() -> int:
@@ -247,19 +265,21 @@ def main() -> int:
             return 0
         print(f"{args.size_mib} MiB random data in {work}; best of {args.repeat}")
         print(f"{'job':24} {'convert s':>9} {'qsd s':>7} {'be s':>7} {'be MiB/s':>8} "
-              f"{'be/qsd':>6} {'be/convert':>10} {'qsd/convert':>11}")
+              f"{'be/qsd':>6} {'be/convert':>10} {'qsd/convert':>11}   CPU s: "
+              f"{'convert':>7} {'qsd':>6} {'be':>6} {'be/qsd':>6}")
         worst = 0.0
         for case in CASES:
             if args.only not in case.name:
                 continue
-            t_conv = best(lambda: time_convert(case.convert(work), work), args.repeat)
-            t_qsd = best(lambda: time_job("qemu-storage-daemon", case, work, size),
-                         args.repeat)
-            t_be = best(lambda: time_job(be_daemon, case, work, size), args.repeat)
+            t_conv, c_conv = best(lambda: time_convert(case.convert(work), work),
+                                  args.repeat)
+            t_qsd, c_qsd = best(lambda: time_job("qemu-storage-daemon", case, work, size),
+                                args.repeat)
+            t_be, c_be = best(lambda: time_job(be_daemon, case, work, size), args.repeat)
             worst = max(worst, t_be / t_qsd)
             print(f"{case.name:24} {t_conv:9.3f} {t_qsd:7.3f} {t_be:7.3f} {mib / t_be:8.0f} "
-                  f"{t_be / t_qsd:6.2f} {t_be / t_conv:10.2f} {t_qsd / t_conv:11.2f}",
-                  flush=True)
+                  f"{t_be / t_qsd:6.2f} {t_be / t_conv:10.2f} {t_qsd / t_conv:11.2f}          "
+                  f"{c_conv:7.2f} {c_qsd:6.2f} {c_be:6.2f} {c_be / c_qsd:6.2f}", flush=True)
         print(f"worst be/qsd ratio: {worst:.2f}")
     finally:
         shutil.rmtree(links, ignore_errors=True)

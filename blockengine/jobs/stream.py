@@ -23,7 +23,7 @@ from ..graph.perms import Perm
 from .job import Job
 from .mirror import JobBackend
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20      # bigger than QEMU's 512 KiB: fewer, larger qcow2 allocations
 
 
 def change_backing(graph, node, new_backing, backing_file: str | None = None,

@@ -45,6 +45,8 @@ class CopyOnReadDriver(PassthroughFilter):
             if bottom.is_filter:
                 raise InvalidArgument("Bottom node '%s' is a filter" % name)
             self.bottom = bottom
+        from ...jobs.block_copy import CopyBuffer
+        self.bounce = CopyBuffer()      # one bounce buffer, used under the child's lock
 
     def child_perm(self, child, perm, shared):
         """cor_child_perm(): the copies need write-unchanged on the child."""
@@ -61,7 +63,7 @@ class CopyOnReadDriver(PassthroughFilter):
         """cor_co_preadv_part(): copy on read what lies at or above ``bottom``."""
         child = self.child_node
         if self.bottom is None:
-            read_with_copy(child, offset, length, buf)
+            read_with_copy(child, offset, length, buf, self.bounce)
             return
         below_bottom = self.bottom.backing
         cow = child.backing
@@ -74,7 +76,7 @@ class CopyOnReadDriver(PassthroughFilter):
                 n = max(1, min(n, length - pos))
             if copy:
                 read_with_copy(child, offset + pos, n,
-                               None if buf is None else buf[pos:pos + n])
+                               None if buf is None else buf[pos:pos + n], self.bounce)
             elif buf is not None:
                 child.preadv(offset + pos, buf[pos:pos + n])
             pos += n
@@ -86,11 +88,11 @@ def cluster_size(node) -> int:
     return info.get("cluster_size") or node.request_alignment
 
 
-def read_with_copy(node, offset: int, length: int, buf=None) -> None:
+def read_with_copy(node, offset: int, length: int, buf, bounce) -> None:
     """bdrv_co_do_copy_on_readv(): read [offset, offset+length) of ``node`` into ``buf``
     (None: only copy, QEMU's BDRV_REQ_PREFETCH) and write the whole clusters around it
     that are not allocated in ``node`` itself with what they read as (zeroes as a zero
-    write)."""
+    write).  ``bounce`` is the CopyBuffer the copied data passes through."""
     cluster = cluster_size(node)
     size = node.total_size
     start = offset - offset % cluster
@@ -108,13 +110,13 @@ def read_with_copy(node, offset: int, length: int, buf=None) -> None:
                 if buf is not None and hi > lo:
                     node.preadv(lo, buf[lo - offset:hi - offset])
             else:
-                bounce = memoryview(node.pread(pos, n))
+                data = bounce.read(node, pos, n)
                 # the data does not change: straight to the driver (no notifiers, no
                 # dirty bits), as QEMU's BDRV_REQ_WRITE_UNCHANGED copy
-                if _native.buffer_is_zero(bounce, 0, n):
+                if _native.buffer_is_zero(data, 0, n):
                     node._zero_aligned_middle(pos, n, False)
                 else:
-                    node._aligned_write(pos, bounce, False)
+                    node._aligned_write(pos, data, False)
                 if buf is not None and hi > lo:
-                    buf[lo - offset:hi - offset] = bounce[lo - pos:hi - pos]
+                    buf[lo - offset:hi - offset] = data[lo - pos:hi - pos]
             pos += n
