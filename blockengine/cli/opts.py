@@ -198,6 +198,18 @@ def parse_int(text: str) -> int | None:
     return int(text) if m else None
 
 
+def parse_c_int(text: str) -> int | None:
+    """strtoll()/strtoull() with base 0 over the whole string (leading blanks, a sign,
+    0x hex, 0 octal, decimal), unbounded; None if the text is not such a number."""
+    m = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if not m:
+        return None
+    digits = m.group(2)
+    value = (int(digits, 16) if digits[:2] in ("0x", "0X")
+             else int(digits, 8) if digits.startswith("0") else int(digits))
+    return -value if m.group(1) == "-" else value
+
+
 # ---- typed option descriptions -----------------------------------------------------------
 OPT_STRING, OPT_BOOL, OPT_NUMBER, OPT_SIZE = "str", "bool", "num", "size"
 _TRUE = ("on", "yes", "true", "y")
@@ -230,10 +242,14 @@ class OptDesc:
                 raise OptionError("Parameter '%s' expects a non-negative number below 2^64"
                                   % self.name, hint=SIZE_HINT) from None
         if self.type == OPT_NUMBER:
-            m = re.fullmatch(r"\s*(0[xX][0-9a-fA-F]+|\d+)", value)
-            if not m:
+            # parse_option_number(): qemu_strtou64(base 0), a '-' wraps modulo 2^64
+            number = parse_c_int(value)
+            if number is None:
                 raise OptionError("Parameter '%s' expects a number" % self.name)
-            return int(m.group(1), 0) if m.group(1)[:2].lower() == "0x" else int(m.group(1))
+            if abs(number) >= 1 << 64:
+                raise OptionError("Value '%s' is too large for parameter '%s'"
+                                  % (value, self.name))
+            return number % (1 << 64)
         return value
 
     def type_label(self) -> str:

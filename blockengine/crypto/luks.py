@@ -14,6 +14,8 @@ start of the payload (QEMU's offset / 512), which the caller passes in.
 """
 from __future__ import annotations
 
+import copy
+import errno
 import os
 import struct
 import time
@@ -39,6 +41,10 @@ SLOT_ENABLED = 0x00AC71F3
 MIN_SLOT_KEY_ITERS = 1000
 MIN_MASTER_KEY_ITERS = 1000
 ERASE_ITERATIONS = 16
+DEFAULT_ITER_TIME = 2000              # QCRYPTO_BLOCK_LUKS_DEFAULT_ITER_TIME_MS
+ULLONG_MAX = (1 << 64) - 1
+UINT32_MAX = (1 << 32) - 1
+KEYSLOT_STATES = ("active", "inactive")     # QCryptoBlockLUKSKeyslotState
 
 _HDR = struct.Struct(">6sH32s32s32sII20s32sI40s")
 _SLOT = struct.Struct(">II32sII")
@@ -52,6 +58,29 @@ _CIPHER_FAMILY = {"aes": ("aes-128", "aes-192", "aes-256"), "cast5": ("cast5-128
 
 class LuksError(InvalidImage):
     """The LUKS header is invalid or uses something QEMU (or blockengine) refuses."""
+
+
+def _range_error(message: str) -> InvalidArgument:
+    """error_setg_errno(ERANGE): QEMU appends strerror(ERANGE) to the message."""
+    return InvalidArgument("%s: %s" % (message, os.strerror(errno.ERANGE)), errno=errno.ERANGE)
+
+
+def _with_hint(exc: BlockError, hint: str) -> BlockError:
+    """error_append_hint(): the same error with one more (unterminated) hint line."""
+    new = copy.copy(exc)
+    new.hint = (exc.hint or "") + hint
+    return new
+
+
+@dataclass(frozen=True)
+class AmendOptions:
+    """QCryptoBlockAmendOptionsLUKS: what `qemu-img amend -o` changes in the key slots."""
+    state: str
+    new_secret: str | None = None
+    old_secret: str | None = None
+    keyslot: int | None = None
+    iter_time: int | None = None
+    secret: str | None = None
 
 
 @dataclass
@@ -232,7 +261,7 @@ class LuksBlock:
         return SectorCipher(self.cipher_alg, self.cipher_mode, key, self.ivgen_alg,
                             self.ivgen_hash_alg)
 
-    def _try_slot(self, read, i: int, password: bytes) -> bytes | None:
+    def load_key(self, read, i: int, password: bytes) -> bytes | None:
         """qcrypto_block_luks_load_key(): the master key if ``password`` opens slot i."""
         h, s = self.header, self.header.slots[i]
         if not s.enabled:
@@ -246,16 +275,20 @@ class LuksBlock:
                      DIGEST_SIZE)
         return candidate if dig == h.mk_digest else None
 
-    def unlock(self, read, password: bytes) -> int:
-        """Find the slot the password opens and set up the payload cipher."""
+    def unlock(self, read, password: bytes) -> None:
+        """Find the master key the password opens and set up the payload cipher."""
         # what QEMU runs but cryptography cannot is refused here, not for metadata
         check_cipher(self.cipher_alg, self.cipher_mode)
         hash_obj(self.hash_alg)
+        self._set_master_key(self.find_key(read, password))
+
+    def find_key(self, read, password: bytes) -> bytes:
+        """qcrypto_block_luks_find_key(): the master key from the first slot that
+        ``password`` opens."""
         for i in range(NUM_KEY_SLOTS):
-            key = self._try_slot(read, i, password)
+            key = self.load_key(read, i, password)
             if key is not None:
-                self._set_master_key(key)
-                return i
+                return key
         raise BlockError("Invalid password, cannot unlock any keyslot")
 
     def _set_master_key(self, key: bytes) -> None:
@@ -264,59 +297,163 @@ class LuksBlock:
                                    self.ivgen_hash_alg)
 
     def store_key(self, write, i: int, password: bytes, iter_time: int) -> None:
-        """qcrypto_block_luks_store_key(): put the master key into slot i, then write
-        the header and the slot's key material."""
-        h, s = self.header, self.header.slots[i]
+        """qcrypto_block_luks_store_key(): put the master key into slot i.
+
+        Crash order as QEMU: the slot's key material first, then the header that
+        activates it, so a crash in between leaves every active slot as it was.  The
+        in-memory header changes only once the material is on disk."""
+        h = self.header
+        s = h.slots[i]
         nkey = h.key_bytes
-        s.salt = os.urandom(SALT_LEN)
-        iters = count_iters(self.hash_alg, password, s.salt, nkey) * iter_time // 1000
-        if iters > 0xFFFFFFFF:
-            raise InvalidArgument("PBKDF iterations %d too large to store in header" % iters)
-        s.iterations = max(iters, MIN_SLOT_KEY_ITERS)
-        slot_key = pbkdf2(self.hash_alg, password, s.salt, s.iterations, nkey)
+        salt = os.urandom(SALT_LEN)
+        iters = count_iters(self.hash_alg, password, salt, nkey)
+        if iter_time and iters > ULLONG_MAX // iter_time:
+            raise _range_error("PBKDF iterations %d too large to scale" % iters)
+        iters = iters * iter_time // 1000
+        if iters > UINT32_MAX:
+            raise _range_error("PBKDF iterations %d larger than %d" % (iters, UINT32_MAX))
+        iterations = max(iters, MIN_SLOT_KEY_ITERS)
+        slot_key = pbkdf2(self.hash_alg, password, salt, iterations, nkey)
         split = afsplit.split(self.hash_alg, self.master_key, s.stripes)
-        material = self._slot_cipher(slot_key).encrypt(0, split)
-        s.active = SLOT_ENABLED
-        write(0, self.header.pack())
-        write(s.key_offset * SECTOR_SIZE, bytes(material))
+        write(s.key_offset * SECTOR_SIZE, bytes(self._slot_cipher(slot_key).encrypt(0, split)))
+        s.salt, s.iterations, s.active = salt, iterations, SLOT_ENABLED
+        write(0, h.pack())
 
-    def add_key(self, write, password: bytes, iter_time: int = 2000,
-                slot: int | None = None) -> int:
-        """Enable a free key slot (or ``slot``) for ``password``; the volume must be
-        unlocked.  Returns the slot number."""
-        if self.master_key is None:
-            raise BlockError("LUKS volume is not unlocked")
-        if slot is None:
-            free = [i for i, s in enumerate(self.header.slots) if not s.enabled]
-            if not free:
-                raise BlockError("Can't add a keyslot - all keyslots are in use")
-            slot = free[0]
-        elif self.header.slots[slot].enabled:
-            raise BlockError("Refusing to overwrite active keyslot %d - please erase it "
-                             "first" % slot)
-        self.store_key(write, slot, password, iter_time)
-        return slot
-
-    def erase_key(self, write, slot: int) -> None:
-        """qcrypto_block_luks_erase_key(): overwrite the key material with random data,
-        then mark the slot disabled."""
-        h, s = self.header, self.header.slots[slot]
-        if sum(1 for x in h.slots if x.enabled) <= 1 and s.enabled:
-            raise BlockError("Attempt to erase the only active keyslot %d which will "
-                             "erase all the data in the image irreversibly - refusing "
-                             "operation" % slot)
+    def erase_key(self, write, i: int) -> None:
+        """qcrypto_block_luks_erase_key(): disable the slot in the header first (no crash
+        can then leave a half-erased slot marked active), then overwrite its key
+        material with random data ERASE_ITERATIONS times."""
+        h, s = self.header, self.header.slots[i]
+        s.active, s.iterations, s.salt = SLOT_DISABLED, 0, bytes(SALT_LEN)
+        write(0, h.pack())
         n = h.key_bytes * s.stripes
         for _ in range(ERASE_ITERATIONS):
             write(s.key_offset * SECTOR_SIZE, os.urandom(n))
-        s.active, s.iterations, s.salt = SLOT_DISABLED, 0, bytes(SALT_LEN)
-        write(0, h.pack())
+
+    # ---- key slot management (qemu-img amend) ------------------------------------------
+    def slot_active(self, i: int) -> bool:
+        return self.header.slots[i].enabled
+
+    def count_active_slots(self) -> int:
+        return sum(1 for s in self.header.slots if s.enabled)
+
+    def find_free_slot(self) -> int | None:
+        return next((i for i, s in enumerate(self.header.slots) if not s.enabled), None)
+
+    def add_key(self, write, password: bytes, iter_time: int = DEFAULT_ITER_TIME,
+                slot: int | None = None, force: bool = False) -> int:
+        """Enable a free key slot (or ``slot``) for ``password`` with the unlocked
+        master key; an active slot is overwritten only with ``force``.  Returns the slot."""
+        if self.master_key is None:
+            raise BlockError("LUKS volume is not unlocked")
+        if slot is None:
+            slot = self.find_free_slot()
+            if slot is None:
+                raise BlockError("Can't add a keyslot - all keyslots are in use")
+        if not force and self.slot_active(slot):
+            raise BlockError("Refusing to overwrite active keyslot %d - please erase it "
+                             "first" % slot)
+        try:
+            self.store_key(write, slot, password, iter_time)
+        except BlockError as e:
+            raise _with_hint(e, "Failed to write to keyslot %d" % slot) from None
+        return slot
+
+    def check_erasable(self, slot: int, force: bool = False) -> None:
+        """Without ``force`` never erase an inactive slot or the last active one."""
+        if not force and not self.slot_active(slot):
+            raise BlockError("Given keyslot %d is already erased (inactive) " % slot)
+        if not force and self.count_active_slots() == 1:
+            raise BlockError("Attempt to erase the only active keyslot %d which will "
+                             "erase all the data in the image irreversibly - refusing "
+                             "operation" % slot)
+
+    def _erase(self, write, slot: int) -> None:
+        try:
+            self.erase_key(write, slot)
+        except BlockError as e:
+            raise _with_hint(e, "Failed to erase keyslot %d" % slot) from None
+
+    def amend(self, read, write, opts: "AmendOptions", force: bool, lookup,
+              unlock_secret: str | None) -> None:
+        """qcrypto_block_luks_amend_options(): add or erase key slots as ``opts`` says.
+        ``lookup(secret_id) -> bytes`` resolves secrets; ``unlock_secret`` is the secret
+        the volume was opened with (the default for reading the master key)."""
+        if opts.state == "active":
+            self._amend_add(read, write, opts, force, lookup, unlock_secret)
+        else:
+            self._amend_erase(read, write, opts, force, lookup)
+
+    def _amend_add(self, read, write, opts, force, lookup, unlock_secret) -> None:
+        """qcrypto_block_luks_amend_add_keyslot()."""
+        iter_time = opts.iter_time if opts.iter_time is not None else DEFAULT_ITER_TIME
+        if opts.new_secret is None:
+            raise InvalidArgument("'new-secret' is required to activate a keyslot")
+        if opts.old_secret is not None:
+            raise InvalidArgument("'old-secret' must not be given when activating keyslots")
+        if opts.keyslot is not None:
+            slot = opts.keyslot
+            if not 0 <= slot < NUM_KEY_SLOTS:
+                # QEMU prints the C int with %u here
+                raise InvalidArgument("Invalid keyslot %d specified, must be between 0 "
+                                      "and %d" % (slot % (1 << 32), NUM_KEY_SLOTS - 1))
+        else:
+            slot = self.find_free_slot()
+            if slot is None:
+                raise BlockError("Can't add a keyslot - all keyslots are in use")
+        if not force and self.slot_active(slot):
+            raise BlockError("Refusing to overwrite active keyslot %d - please erase it "
+                             "first" % slot)
+        old_password = lookup(opts.secret if opts.secret is not None else unlock_secret)
+        try:
+            master = self.find_key(read, old_password)
+        except BlockError as e:
+            raise _with_hint(e, "Failed to retrieve the master key") from None
+        new_password = lookup(opts.new_secret)
+        if self.master_key is None:
+            self._set_master_key(master)
+        self.add_key(write, new_password, iter_time, slot, force=True)
+
+    def _amend_erase(self, read, write, opts, force, lookup) -> None:
+        """qcrypto_block_luks_amend_erase_keyslots()."""
+        if opts.new_secret is not None:
+            raise InvalidArgument("'new-secret' must not be given when erasing keyslots")
+        if opts.iter_time is not None:
+            raise InvalidArgument("'iter-time' must not be given when erasing keyslots")
+        if opts.secret is not None:
+            raise InvalidArgument("'secret' must not be given when erasing keyslots")
+        old_password = lookup(opts.old_secret) if opts.old_secret is not None else None
+        if opts.keyslot is not None:
+            slot = opts.keyslot
+            if not 0 <= slot < NUM_KEY_SLOTS:
+                raise InvalidArgument("Invalid keyslot %d specified, must be between 0 "
+                                      "and %d" % (slot, NUM_KEY_SLOTS - 1))
+            if old_password is not None and self.load_key(read, slot, old_password) is None:
+                raise BlockError("Given keyslot %d doesn't contain the given old password "
+                                 "for erase operation" % slot)
+            self.check_erasable(slot, force)
+            self._erase(write, slot)
+        elif old_password is not None:
+            matching = [i for i in range(NUM_KEY_SLOTS)
+                        if self.load_key(read, i, old_password) is not None]
+            if not matching:
+                raise BlockError("No keyslots match given (old) password for erase operation")
+            if not force and len(matching) == self.count_active_slots():
+                raise BlockError("All the active keyslots match the (old) password that was "
+                                 "given and erasing them will erase all the data in the "
+                                 "image irreversibly - refusing operation")
+            for i in matching:
+                self._erase(write, i)
+        else:
+            raise InvalidArgument("To erase keyslot(s), either explicit keyslot index or the "
+                                  "password currently contained in them must be given")
 
     # ---- creation --------------------------------------------------------------------
     @classmethod
     def create(cls, password: bytes, *, cipher_alg: str = "aes-256",
                cipher_mode: str = "xts", ivgen_alg: str = "plain64",
                ivgen_hash_alg: str | None = None, hash_alg: str = "sha256",
-               iter_time: int = 2000) -> "LuksBlock":
+               iter_time: int = DEFAULT_ITER_TIME) -> "LuksBlock":
         """qcrypto_block_luks_create() up to (not including) writing: the caller makes
         room for ``payload_offset`` bytes, then calls ``store_key(write, 0, ...)``."""
         check_cipher(cipher_alg, cipher_mode)
@@ -343,9 +480,11 @@ class LuksBlock:
                        key_bytes=nkey, uuid=str(uuidlib.uuid4()).encode())
         h.mk_digest_salt = os.urandom(SALT_LEN)
         iters = count_iters(hash_alg, master, h.mk_digest_salt, DIGEST_SIZE)
+        if iter_time and iters > ULLONG_MAX // iter_time:
+            raise _range_error("PBKDF iterations %d too large to scale" % iters)
         iters = iters * iter_time // 1000 // 8
-        if iters > 0xFFFFFFFF:
-            raise InvalidArgument("PBKDF iterations %d too large to store in header" % iters)
+        if iters > UINT32_MAX:
+            raise _range_error("PBKDF iterations %d larger than %d" % (iters, UINT32_MAX))
         h.mk_digest_iterations = max(iters, MIN_MASTER_KEY_ITERS)
         h.mk_digest = pbkdf2(hash_alg, master, h.mk_digest_salt, h.mk_digest_iterations,
                              DIGEST_SIZE)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ....crypto.cipher import SECTOR_SIZE
-from ....crypto.luks import LuksBlock
+from ....crypto.luks import DEFAULT_ITER_TIME, KEYSLOT_STATES, AmendOptions, LuksBlock
 from ....errors import BlockError, InvalidArgument
 from ...base import CreateOpt
 from ...base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BlockDriver, DriverInfo,
@@ -33,6 +33,16 @@ CREATE_OPTS = (
     CreateOpt("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 )
 
+# block_crypto_amend_opts_luks (qcow2 lists them with the "encrypt." prefix)
+AMEND_OPTS = (
+    CreateOpt("state", "str", "Select new state of affected keyslots (active/inactive)"),
+    CreateOpt("keyslot", "num", "Select a single keyslot to modify explicitly"),
+    CreateOpt("old-secret", "str", "Select all keyslots that match this password"),
+    CreateOpt("new-secret", "str",
+              "New secret to set in the matching keyslots. Empty string to erase"),
+    CreateOpt("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+)
+
 
 def lookup_secret(secrets: dict | None, secret_id: str) -> bytes:
     """qcrypto_secret_lookup_as_utf8()."""
@@ -46,8 +56,47 @@ def lookup_secret(secrets: dict | None, secret_id: str) -> bytes:
     return data
 
 
+def amend_opts_init(opts: dict) -> AmendOptions:
+    """block_crypto_amend_opts_init(): option strings through QEMU's keyval input
+    visitor, members in QAPI order, with its messages.  Integers are C's strtoll with
+    base 0; the key slot ends up in a C int (keyslot=2^32 is slot 0)."""
+    from ....cli.opts import parse_c_int       # the tree's one C integer syntax
+
+    def integer(name: str) -> int | None:
+        text = opts.get(name)
+        if text is None:
+            return None
+        value = parse_c_int(text)
+        if value is None or not -(1 << 63) <= value < 1 << 63:
+            raise InvalidArgument("Parameter '%s' expects integer" % name)
+        return value
+
+    state = opts.get("state")
+    if state is None:
+        raise InvalidArgument("Parameter 'state' is missing")
+    if state not in KEYSLOT_STATES:
+        raise InvalidArgument("Parameter 'state' does not accept value '%s'" % state)
+    keyslot = integer("keyslot")
+    if keyslot is not None:
+        keyslot = (keyslot + (1 << 31)) % (1 << 32) - (1 << 31)
+    iter_time = integer("iter-time")
+    if iter_time is not None:
+        iter_time %= 1 << 64                     # uint64_t in QEMU
+    return AmendOptions(state, opts.get("new-secret"), opts.get("old-secret"), keyslot,
+                        iter_time, opts.get("secret"))
+
+
+def amend_keyslots(block: LuksBlock, read, write, opts: dict, force: bool,
+                   secrets: dict | None, unlock_secret: str | None) -> None:
+    """block_crypto_amend_opts_init() + qcrypto_block_amend_options() on an unlocked
+    volume; qcow2 shares it for its ``encrypt.`` options (given here without prefix)."""
+    block.amend(read, write, amend_opts_init(opts), force,
+                lambda secret_id: lookup_secret(secrets, secret_id), unlock_secret)
+
+
 class LuksDriver(BlockDriver):
     info = DriverInfo("luks", DriverKind.FORMAT, create_opts=CREATE_OPTS)
+    amend_opts = AMEND_OPTS
     encrypted = True
 
     def open(self, options: dict) -> None:
@@ -128,16 +177,27 @@ class LuksDriver(BlockDriver):
     def info_specific(self) -> dict:
         return {"type": "luks", "data": self.block.info()}
 
-    # ---- key slots (for amend) -------------------------------------------------------
-    def add_keyslot(self, password: bytes, iter_time: int = 2000,
+    # ---- key slots (qemu-img amend) ---------------------------------------------------
+    def amend_options(self, opts: dict, force: bool, status_cb=None) -> None:
+        """block_crypto_amend_options_luks(): ``opts`` maps the AMEND_OPTS given to
+        (string, typed value), as QemuOpts holds them."""
+        amend_keyslots(self.block, self._read, self._write,
+                       {k: text for k, (text, _) in opts.items()}, force,
+                       getattr(self.node.graph, "secrets", None),
+                       self.node.options.get("key-secret"))
+
+    def add_keyslot(self, password: bytes, iter_time: int = DEFAULT_ITER_TIME,
                     slot: int | None = None) -> int:
         if self.node.read_only:
             raise BlockError("Block node is read-only")
         return self.block.add_key(self._write, password, iter_time, slot)
 
     def erase_keyslot(self, slot: int) -> None:
+        """Erase ``slot``, never the last active one."""
         if self.node.read_only:
             raise BlockError("Block node is read-only")
+        if self.block.slot_active(slot):
+            self.block.check_erasable(slot)
         self.block.erase_key(self._write, slot)
 
     # ---- creation --------------------------------------------------------------------

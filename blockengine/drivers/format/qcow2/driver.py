@@ -31,6 +31,7 @@ from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCA
                      SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
 from .refcount import RefcountMixin
 from .bitmap import Qcow2BitmapMixin
+from .amend import AMEND_OPTS, amend_options
 from .snapshot import Qcow2SnapshotMixin, read_snapshots
 from . import overlap as OL
 from ...base import bool_option
@@ -83,6 +84,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
     info = DriverInfo("qcow2", DriverKind.FORMAT, supports_backing=True,
                       create_opts=CREATE_OPTS)
     FILENAME_FROM_FILE = ("qcow2",)
+    amend_opts = AMEND_OPTS
 
     @classmethod
     def child_roles(cls, options: dict) -> dict:
@@ -1145,6 +1147,12 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             guest += n << cb
             host += n << cb
             nb_new_data -= n
+
+    # ================================================================ amend
+    def amend_options(self, opts: dict, force: bool, status_cb=None) -> None:
+        """qemu-img amend (amend.py): ``opts`` maps the AMEND_OPTS given to (string,
+        typed value)."""
+        amend_options(self, opts, force, status_cb)
 
     # ================================================================ check
     def check(self, fix=None) -> dict:
