@@ -365,11 +365,17 @@ def _build_api(ffi, lib) -> SimpleNamespace:
             return _py.zero_runs(buf, granularity)
 
     # ---- sector crypto (native/crypto.c): the length arguments come first in
-    # the Python API, the C functions take each buffer with its size.
+    # the Python API, the C functions take each buffer with its size.  Looked up
+    # now: a stale build without them raises AttributeError (-> the twins).
+    be_sector_ivs, be_xts_xor, be_cbc_decrypt_xor = (
+        lib.be_sector_ivs, lib.be_xts_xor, lib.be_cbc_decrypt_xor)
+    be_cbc_encrypt_step, be_ctr_counters, be_xor = (
+        lib.be_cbc_encrypt_step, lib.be_ctr_counters, lib.be_xor)
+
     def sector_ivs(out, first_sector, count, width):
         try:
             o = wbuf(out)
-            rc = lib.be_sector_ivs(o, len(o), first_sector, count, width)
+            rc = be_sector_ivs(o, len(o), first_sector, count, width)
         except OverflowError:
             return _py.sector_ivs(out, first_sector, count, width)
         if rc < 0:
@@ -378,7 +384,7 @@ def _build_api(ffi, lib) -> SimpleNamespace:
     def xts_xor(dst, src, length, tweaks, sector_size):
         try:
             d, s, t = wbuf(dst), from_buffer("uint8_t[]", src), from_buffer("uint8_t[]", tweaks)
-            rc = lib.be_xts_xor(d, len(d), s, len(s), length, t, len(t), sector_size)
+            rc = be_xts_xor(d, len(d), s, len(s), length, t, len(t), sector_size)
         except OverflowError:
             return _py.xts_xor(dst, src, length, tweaks, sector_size)
         if rc < 0:
@@ -390,8 +396,8 @@ def _build_api(ffi, lib) -> SimpleNamespace:
             p = from_buffer("uint8_t[]", decrypted)
             c = from_buffer("uint8_t[]", ciphertext)
             iv = from_buffer("uint8_t[]", ivs)
-            rc = lib.be_cbc_decrypt_xor(d, len(d), p, len(p), c, len(c), length,
-                                        iv, len(iv), sector_size)
+            rc = be_cbc_decrypt_xor(d, len(d), p, len(p), c, len(c), length,
+                                    iv, len(iv), sector_size)
         except OverflowError:
             return _py.cbc_decrypt_xor(dst, decrypted, ciphertext, length, ivs, sector_size)
         if rc < 0:
@@ -400,8 +406,8 @@ def _build_api(ffi, lib) -> SimpleNamespace:
     def cbc_encrypt_step(out, plain, length, lanes, sector_size, block):
         try:
             o, p, ln = wbuf(out), from_buffer("uint8_t[]", plain), wbuf(lanes)
-            rc = lib.be_cbc_encrypt_step(o, len(o), p, len(p), length, ln, len(ln),
-                                         sector_size, block)
+            rc = be_cbc_encrypt_step(o, len(o), p, len(p), length, ln, len(ln),
+                                     sector_size, block)
         except OverflowError:
             return _py.cbc_encrypt_step(out, plain, length, lanes, sector_size, block)
         if rc < 0:
@@ -410,7 +416,7 @@ def _build_api(ffi, lib) -> SimpleNamespace:
     def ctr_counters(out, length, ivs, sector_size):
         try:
             o, iv = wbuf(out), from_buffer("uint8_t[]", ivs)
-            rc = lib.be_ctr_counters(o, len(o), length, iv, len(iv), sector_size)
+            rc = be_ctr_counters(o, len(o), length, iv, len(iv), sector_size)
         except OverflowError:
             return _py.ctr_counters(out, length, ivs, sector_size)
         if rc < 0:
@@ -419,7 +425,7 @@ def _build_api(ffi, lib) -> SimpleNamespace:
     def xor_into(dst, src, length):
         try:
             d, s = wbuf(dst), from_buffer("uint8_t[]", src)
-            rc = lib.be_xor(d, len(d), s, len(s), length)
+            rc = be_xor(d, len(d), s, len(s), length)
         except OverflowError:
             return _py.xor_into(dst, src, length)
         if rc < 0:
@@ -552,7 +558,7 @@ def native_api() -> SimpleNamespace | None:
         try:
             from blockengine._be_native import ffi, lib
             _native_api = _build_api(ffi, lib)
-        except ImportError as exc:
+        except (ImportError, AttributeError) as exc:    # AttributeError: a stale build
             NATIVE_IMPORT_ERROR = exc
     return _native_api
 

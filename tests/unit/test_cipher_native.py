@@ -313,3 +313,19 @@ def test_ecb_and_odd_sector_sizes_use_per_sector_engine():
     assert SectorCipher("aes-128", "ecb", bytes(16), "plain64", bulk_ops=NAT).engine == "per-sector"
     assert SectorCipher("aes-128", "cbc", bytes(16), "plain64", sector_size=520,
                         bulk_ops=NAT).engine == "per-sector"
+
+
+def test_stale_native_build_is_not_used():
+    """A compiled module from before native/crypto.c (no be_xts_xor...) must fail
+    _build_api with AttributeError, which native_api() turns into the pure twins,
+    instead of failing later in the middle of a LUKS read."""
+    _require_native()
+    from blockengine._be_native import ffi, lib
+
+    class StaleLib:
+        def __getattr__(self, name):
+            if name == "be_xts_xor":
+                raise AttributeError(name)
+            return getattr(lib, name)
+    with pytest.raises(AttributeError):
+        _native._build_api(ffi, StaleLib())
