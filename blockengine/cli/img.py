@@ -336,12 +336,14 @@ def _print_option_help(filename: str | None, fmt: str) -> int:
 def cmd_convert(argv: list[str]) -> int:
     # the copy loop (and the native helpers it needs) load only for convert
     from .convert import MAX_BUF_SECTORS, Converter, CopyError, has_zero_init
+    from . import bitmap
     session = Session()
     fmt = out_fmt = options = out_baseimg = backing_fmt = snapshot = None
     cache, src_cache = "unsafe", DEFAULT_CACHE
     min_sparse, explicit_sparse = 8 * SECTOR, False
     compressed = skip_create = progress = quiet = force_share = False
     image_opts = tgt_image_opts = target_is_zero = copy_range = bitmaps = False
+    skip_broken = False
     opts, operands = parse_args(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", [
         HELP, OBJECT, IMAGE_OPTS, ("salvage", NO_ARG, "salvage"),
         ("target-is-zero", NO_ARG, "target-is-zero"),
@@ -398,13 +400,17 @@ def cmd_convert(argv: list[str]) -> int:
             target_is_zero = True
         elif key == "bitmaps":
             bitmaps = True
+        elif key == "skip-broken-bitmaps":
+            skip_broken = True
         elif key == "F":
             backing_fmt = arg
     if quiet:
         progress = False
     if out_fmt is None and not tgt_image_opts:
         out_fmt = "raw"
-    for cond, msg in ((compressed and copy_range, "Cannot enable copy offloading when -c "
+    for cond, msg in ((skip_broken and not bitmaps, "Use of --skip-broken-bitmaps requires "
+                       "--bitmaps"),
+                      (compressed and copy_range, "Cannot enable copy offloading when -c "
                        "is used"),
                       (explicit_sparse and copy_range, "Cannot enable copy offloading when "
                        "-S is used"),
@@ -443,13 +449,18 @@ def cmd_convert(argv: list[str]) -> int:
         if not skip_create:
             key_secrets, out_baseimg = _convert_create(
                 out_filename, out_fmt, options, out_baseimg, backing_fmt, total, compressed,
-                bitmaps, images, session.secrets)
-        elif compressed:
-            _check_compress(out_fmt)
+                skip_broken if bitmaps else None, images, session.secrets)
+        else:
+            if bitmaps:
+                bitmap.check_convert_source(images, skip_broken)
+            if compressed:
+                _check_compress(out_fmt)
         parse_cache(cache)
         target = session.open(out_filename, out_fmt, image_opts=tgt_image_opts,
                                writable=True, cache=cache, source_cache=False,
                                options=key_secrets)
+        if bitmaps:
+            bitmap.check_convert_target(target)
         if skip_create and target.size < total:
             raise report.fail("output file is smaller than input file")
         target_has_backing = out_baseimg is not None
@@ -462,6 +473,8 @@ def cmd_convert(argv: list[str]) -> int:
             job.run()
         except CopyError as e:
             raise report.fail(str(e))
+        if bitmaps:
+            bitmap.copy_bitmaps(images[0], target, skip_broken)
         bar.print(100, 0)
     finally:
         bar.end()
@@ -502,11 +515,9 @@ def _convert_create(out_filename, out_fmt, options, out_baseimg, backing_fmt, to
             raise report.fail("Compression and preallocation not supported at the same "
                               "time")
         _check_compress(out_fmt)
-    if bitmaps:
-        if len(images) > 1:
-            raise report.fail("Copying bitmaps only possible with single source")
-        if not hasattr(images[0].node.drv, "bitmaps"):
-            raise report.fail("Source lacks bitmap support")
+    if bitmaps is not None:            # --bitmaps given; the --skip-broken-bitmaps flag
+        from .bitmap import check_convert_source
+        check_convert_source(images, bitmaps)
     extra = {"size": total}
     if out_baseimg is not None:
         extra["backing_file"] = out_baseimg
@@ -591,6 +602,8 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
         return 1
     offset = 0
     cur1, cur2 = StatusCursor(img1.node), StatusCursor(img2.node)
+    # two reused buffers: a fresh one per read would cost more than the read
+    buf1, buf2 = memoryview(bytearray(IO_BUF_SIZE)), memoryview(bytearray(IO_BUF_SIZE))
     while offset < total:
         st1 = _status(cur1, offset, size1 - offset, name1)
         st2 = _status(cur2, offset, size2 - offset, name2)
@@ -604,16 +617,16 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
         elif bool(alloc1) == bool(alloc2):
             if alloc1:
                 chunk = min(chunk, IO_BUF_SIZE)
-                buf1 = _read(img1, offset, chunk, name1)
-                buf2 = _read(img2, offset, chunk, name2)
-                if buf1 != buf2:
+                data1 = _read(img1, offset, buf1[:chunk], name1)
+                data2 = _read(img2, offset, buf2[:chunk], name2)
+                if not _equal(data1, data2):
                     report.qprint(quiet, "Content mismatch at offset %d!\n"
-                                  % (offset + _same_prefix(buf1, buf2)))
+                                  % (offset + _same_prefix(data1, data2)))
                     return 1
         else:
             chunk = min(chunk, IO_BUF_SIZE)
             img, name = (img1, name1) if alloc1 else (img2, name2)
-            if _check_empty(img, offset, chunk, name, quiet):
+            if _check_empty(img, offset, buf1[:chunk], name, quiet):
                 return 1
         offset += chunk
         bar.print(chunk / base * 100, 100)
@@ -626,7 +639,7 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
             chunk = st.length
             if st.flags & BLOCK_ALLOCATED and not st.flags & BLOCK_ZERO:
                 chunk = min(chunk, IO_BUF_SIZE)
-                if _check_empty(over, offset, chunk, name, quiet):
+                if _check_empty(over, offset, buf1[:chunk], name, quiet):
                     return 1
             offset += chunk
             bar.print(chunk / base * 100, 100)
@@ -642,12 +655,20 @@ def _status(cursor, offset, length, name):
         raise report.fail("Sector allocation test failed for %s" % name, 3)
 
 
-def _read(img, offset, length, name) -> bytes:
+def _read(img, offset, buf: memoryview, name) -> memoryview:
+    """Fill buf from offset; returns it."""
     try:
-        return img.read(offset, length)
+        img.readinto(offset, buf)
+        return buf
     except BlockError as e:
         raise report.fail("Error while reading offset %d of %s: %s"
                           % (offset, name, _strerror(e)), 4)
+
+
+def _equal(head: memoryview, other: memoryview) -> bool:
+    """head == other at memcmp speed, for a view of the start of a bytearray
+    (memoryview's own == compares item by item)."""
+    return len(head) == len(other) and head.obj.startswith(other)
 
 
 def _same_prefix(a: bytes, b: bytes) -> int:
@@ -658,10 +679,10 @@ def _same_prefix(a: bytes, b: bytes) -> int:
     return len(a)
 
 
-def _check_empty(img, offset, length, name, quiet) -> bool:
-    """check_empty_sectors(): report the first non-zero sector, if any."""
+def _check_empty(img, offset, buf: memoryview, name, quiet) -> bool:
+    """check_empty_sectors() of len(buf) bytes: report the first non-zero sector."""
     from .. import _native
-    buf = _read(img, offset, length, name)
+    _read(img, offset, buf, name)
     if _native.buffer_is_zero(buf, 0, len(buf)):
         return False
     idx = next(i for i in range(0, len(buf), SECTOR)

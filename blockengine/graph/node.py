@@ -58,6 +58,9 @@ class BlockNode:
         self.lock = threading.RLock()
         self.write_threshold = 0
         self.wr_highest_offset = 0
+        # bdrv's write_gen/flushed_gen: a protocol flush with nothing written since the
+        # last one skips the (costly, pointless) disk flush, as bdrv_co_flush() does
+        self.write_gen = self.flushed_gen = 0
         # reasons operations on this node are refused (bdrv_op_block), e.g. a running job
         self.op_blockers: list[str] = []
         self.dirty_bitmaps: list = []
@@ -226,6 +229,7 @@ class BlockNode:
                 "write-threshold": threshold})
 
     def _after_write(self, offset: int, length: int) -> None:
+        self.write_gen += 1
         self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
         for bitmap in self.dirty_bitmaps:
             bitmap.set_range(offset, length)
@@ -320,7 +324,10 @@ class BlockNode:
 
     def flush(self) -> None:
         with self.lock:
-            self.drv.flush()
+            gen = self.write_gen
+            if gen != self.flushed_gen or self.drv.info.kind is not DriverKind.PROTOCOL:
+                self.drv.flush()
+                self.flushed_gen = gen
         for c in self.children:
             c.node.flush()
 
@@ -330,6 +337,7 @@ class BlockNode:
         if size < 0:
             raise InvalidArgument("Image size cannot be negative")
         with self.lock:
+            self.write_gen += 1
             self.drv.truncate(size, exact, prealloc)
             for bitmap in self.dirty_bitmaps:      # as bdrv_co_truncate() does
                 bitmap.truncate(self.total_size)
