@@ -14,7 +14,7 @@ import contextlib
 from ..bitmaps import BlockDirtyBitmap
 from ..drivers.base import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
 
-MAX_CHUNK = 1 << 20
+MAX_CHUNK = 4 << 20     # per copy: larger chunks, fewer requests (QEMU runs many in parallel)
 
 
 class CopyBuffer:
