@@ -221,10 +221,9 @@ def time_convert(argv: list[str], work: str) -> tuple[float, float]:
     return elapsed, usage.ru_utime + usage.ru_stime
 
 
-def best(fn, repeat: int) -> tuple[float, float]:
-    """The least wall time and the least CPU time of ``repeat`` runs (on a shared
+def best(runs) -> tuple[float, float]:
+    """The least wall time and the least CPU time of (wall, cpu) runs (on a shared
     machine the CPU time is the steadier figure)."""
-    runs = [fn() for _ in range(repeat)]
     return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
@@ -271,11 +270,11 @@ def main() -> int:
         for case in CASES:
             if args.only not in case.name:
                 continue
-            t_conv, c_conv = best(lambda: time_convert(case.convert(work), work),
-                                  args.repeat)
-            t_qsd, c_qsd = best(lambda: time_job("qemu-storage-daemon", case, work, size),
-                                args.repeat)
-            t_be, c_be = best(lambda: time_job(be_daemon, case, work, size), args.repeat)
+            # interleaved, so that a machine shared with others loads all three alike
+            runs = [(time_convert(case.convert(work), work),
+                     time_job("qemu-storage-daemon", case, work, size),
+                     time_job(be_daemon, case, work, size)) for _ in range(args.repeat)]
+            (t_conv, c_conv), (t_qsd, c_qsd), (t_be, c_be) = (best(r) for r in zip(*runs))
             worst = max(worst, t_be / t_qsd)
             print(f"{case.name:24} {t_conv:9.3f} {t_qsd:7.3f} {t_be:7.3f} {mib / t_be:8.0f} "
                   f"{t_be / t_qsd:6.2f} {t_be / t_conv:10.2f} {t_qsd / t_conv:11.2f}          "
