@@ -245,6 +245,8 @@ def check_create_options(opts: dict, secrets: dict | None) -> CreateParams:
     except ValueError:
         raise InvalidArgument("Parameter 'preallocation' does not accept value '%s'"
                               % prealloc) from None
+    if prealloc is PreallocMode.METADATA:
+        prealloc = PreallocMode.OFF        # as QEMU: the header is the only metadata
     return CreateParams(password, kw, iter_time, prealloc)
 
 
