@@ -145,11 +145,12 @@ class MirrorJob(Job):
     # ---- the copy loop ------------------------------------------------------------------
     def run(self) -> None:
         size = self.source.total_size
-        if self.target.total_size != size:
-            if self.is_commit and self.target.total_size < size:
+        if self.is_commit:
+            # mirror_run(): a commit base only grows; a larger one keeps its tail
+            if self.target.total_size < size:
                 self.target.truncate(size)
-            else:
-                raise BlockError("Source and target image have different sizes")
+        elif self.target.total_size != size:
+            raise BlockError("Source and target image have different sizes")
         if size == 0:
             self.set_ready()
             self._wait_for_end()
@@ -263,19 +264,30 @@ class MirrorJob(Job):
                 and not self.deferred and not self.cancelled and self.active_error is None)
 
     def guest_write(self, offset: int, length: int, request) -> None:
-        """A guest write through the filter: ``request(node)`` writes to the source
-        (its dirty bitmap marks the range) and, in write-blocking mode, to the target;
-        the fully covered chunks are then clean (do_sync_target_write)."""
+        """A guest write through the filter.  ``request(node, off, n)`` writes the part
+        [off, off+n) of it to a node: all of it to the source (whose dirty bitmap marks
+        it) and, in write-blocking mode, what do_sync_target_write() copies to the
+        target: an unaligned head or tail in a chunk that was already dirty is left to
+        the background copy (its other bytes are not on the target yet either); the
+        chunks the copy covers are clean afterwards."""
         if not self._writes_to_target():
-            request(self.source)
+            request(self.source, offset, length)
             return
+        g, end = self.granularity, offset + length
         with self.copy_lock:
-            request(self.source)
-            if not self._writes_to_target():
+            # the trimming looks at the bitmap as it was before this write dirtied it
+            start = offset
+            if start % g and self.dirty.get(start):
+                start += g - start % g
+            stop = end
+            if stop % g and self.dirty.get(stop - 1):
+                stop -= stop % g
+            request(self.source, offset, length)
+            if stop <= start or not self._writes_to_target():
                 return
-            self.progress_add_total(length)
+            self.progress_add_total(stop - start)
             try:
-                request(self.target)
+                request(self.target, start, stop - start)
             except BlockError as e:
                 # the range stays dirty (the source write marked it) for the job to copy;
                 # 'report' fails the job, the guest's write itself succeeded
@@ -283,11 +295,9 @@ class MirrorJob(Job):
                     self.active_error = e
                     self.kick()
                 return
-            g = self.granularity
-            start, end = -(-offset // g) * g, (offset + length) // g * g
-            if start < end:
-                self.dirty.reset_dirty(start, end - start)
-            self.progress(length)
+            self.dirty.reset_dirty(start - start % g, min(-(-stop // g) * g, self.dirty.size)
+                                   - (start - start % g))
+            self.progress(stop - start)
 
     # ---- complete / cancel --------------------------------------------------------------
     def do_complete(self) -> None:

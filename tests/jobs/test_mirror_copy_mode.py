@@ -49,15 +49,17 @@ def test_guest_write_reaches_target_synchronously(ctx, images, copy_mode):
     after = ctx.cmd("query-block-jobs")[0]
     on_target = read(dst)
     if copy_mode == "write-blocking":
-        assert on_target[8 << 20:(8 << 20) + 100_000] == b"\x5a" * 100_000
+        # the tail of the first write lies in a chunk still dirty from the initial
+        # sync: do_sync_target_write() leaves it to the background copy
+        assert on_target[8 << 20:(8 << 20) + CHUNK] == b"\x5a" * CHUNK
+        assert on_target[(8 << 20) + CHUNK:(8 << 20) + 100_000] == bytes(100_000 - CHUNK)
         # the zero write reaches the target as a zero write (the file reads zeroes)
         assert on_target[12 << 20:(12 << 20) + 3 * CHUNK] == bytes(3 * CHUNK)
-        # do_sync_target_write(): the bytes count as both remaining and done work
-        written = 100_000 + 3 * CHUNK
+        # the bytes copied count as both remaining and done work
+        written = CHUNK + 3 * CHUNK
         assert after["offset"] == before["offset"] + written
         assert after["len"] == before["len"] + written
-        # whole chunks written through are clean; the partial tail chunk stays dirty
-        assert job.dirty.count_range(8 << 20, 100_000) == CHUNK
+        assert job.dirty.count_range(8 << 20, 100_000) == CHUNK      # the tail chunk
         assert job.dirty.count_range(12 << 20, 3 * CHUNK) == 0
     else:
         assert on_target[8 << 20:(8 << 20) + 100_000] == bytes(100_000)
@@ -139,6 +141,79 @@ def test_synchronous_write_target_error(ctx, images, policy):
     assert "error" not in ctx.events.wait("BLOCK_JOB_COMPLETED")
     assert read(dst) == read(src)
     assert read(dst)[8 << 20:(8 << 20) + 4096] == b"\x33" * 4096
+
+
+WRITES = [(8 << 20, 100_000, 0x5a),          # the tail chunk is dirty: trimmed
+          (12 << 20, 3 * CHUNK, None),          # an aligned zero write
+          ((4 << 20) + 1000, 5000, 0x21),       # inside one dirty chunk: nothing copied
+          (512, 1000, 0x33)]                    # into the first chunk, already copied
+
+
+def qemu_io_write(off, n, pattern):
+    return "write -z %d %d" % (off, n) if pattern is None else \
+        "write -P %d %d %d" % (pattern, off, n)
+
+
+def test_write_blocking_writes_like_qsd(tmp_path):
+    """The same guest writes during a slow write-blocking mirror, through an NBD export
+    of qemu-storage-daemon (qemu-io) and through a device on blockengine's source: the
+    job's progress and the target's bytes are the same right after the writes, and
+    the result after block-job-complete too."""
+    from .qsd import QSD
+    from .helpers import Ctx
+    data = random_data(13, SIZE)
+    dirs = {side: tmp_path / side for side in ("qemu", "be")}
+    for d in dirs.values():
+        d.mkdir()
+        make_raw(d / "src.raw", SIZE, data)
+        make_raw(d / "dst.raw", SIZE)
+    sock = str(dirs["qemu"] / "nbd.sock")
+    mirror = {"device": "src", "target": "dst", "sync": "full", "speed": 1,
+              "job-id": "m", "buf-size": CHUNK, "copy-mode": "write-blocking"}
+    qsd = QSD(require_tool("qemu-storage-daemon"))
+    ctx = Ctx()
+    try:
+        for n in ("src", "dst"):
+            qsd.cmd("blockdev-add", driver="file", filename=str(dirs["qemu"] / (n + ".raw")),
+                    **{"node-name": n + "f"})
+            qsd.cmd("blockdev-add", driver="raw", file=n + "f", **{"node-name": n})
+            ctx.add_raw(n, str(dirs["be"] / (n + ".raw")))
+        qsd.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        qsd.cmd("block-export-add", type="nbd", id="e", writable=True, name="src",
+                **{"node-name": "src"})
+        blk = ctx.device("vda", "src")
+        qsd.cmd("blockdev-mirror", **mirror)
+        ctx.cmd("blockdev-mirror", **mirror)
+        import time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+                qsd.cmd("query-block-jobs")[0]["offset"] < CHUNK
+                or ctx.cmd("query-block-jobs")[0]["offset"] < CHUNK):
+            time.sleep(0.02)
+        io = require_tool("qemu-io")
+        for off, n, pattern in WRITES:
+            cmd = qemu_io_write(off, n, pattern)
+            subprocess.run([io, "-f", "raw", "nbd+unix:///src?socket=" + sock, "-c", cmd],
+                           check=True, capture_output=True)
+            if pattern is None:
+                blk.pwrite_zeroes(off, n)
+            else:
+                blk.pwrite(off, bytes([pattern]) * n)
+            assert qsd.cmd("query-block-jobs") == ctx.cmd("query-block-jobs"), cmd
+            assert read(dirs["qemu"] / "dst.raw") == read(dirs["be"] / "dst.raw"), cmd
+        for side in (qsd, ctx):
+            side.cmd("block-job-set-speed", device="m", speed=0)
+        qsd.wait_event("BLOCK_JOB_READY")
+        ctx.events.wait("BLOCK_JOB_READY")
+        qsd.cmd("block-job-complete", device="m")
+        ctx.cmd("block-job-complete", device="m")
+        q_done = qsd.wait_event("BLOCK_JOB_COMPLETED")["data"]
+        assert ctx.events.wait("BLOCK_JOB_COMPLETED") == q_done
+    finally:
+        qsd.close()
+        ctx.close()
+    assert read(dirs["qemu"] / "dst.raw") == read(dirs["be"] / "dst.raw") == \
+        read(dirs["be"] / "src.raw")
 
 
 def test_copy_mode_script_like_qsd(both):

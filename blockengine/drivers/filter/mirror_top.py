@@ -12,19 +12,22 @@ class MirrorTopDriver(JobFilter):
     job = None      # the MirrorJob while its filter is in the graph
 
     def pwritev(self, offset, data, fua=False):
-        self._do_write(offset, len(data), lambda node: node.pwrite(offset, data, fua))
+        self._do_write(offset, len(data),
+                       lambda node, off, n: node.pwrite(off, data[off - offset:off - offset + n],
+                                                        fua))
 
     def pwrite_zeroes(self, offset, length, may_unmap):
         self._do_write(offset, length,
-                       lambda node: node.pwrite_zeroes(offset, length, may_unmap))
+                       lambda node, off, n: node.pwrite_zeroes(off, n, may_unmap))
 
     def discard(self, offset, length):
-        self._do_write(offset, length, lambda node: node.discard(offset, length))
+        self._do_write(offset, length, lambda node, off, n: node.discard(off, n))
 
     def _do_write(self, offset: int, length: int, request) -> None:
-        """bdrv_mirror_top_do_write(): ``request(node)`` runs the write on a node."""
+        """bdrv_mirror_top_do_write(): ``request(node, off, n)`` runs the part
+        [off, off+n) of the write on a node."""
         job = self.job
         if job is None or self.redirect is not None:
-            request(self.child_node)
+            request(self.child_node, offset, length)
         else:
             job.guest_write(offset, length, request)
