@@ -291,14 +291,16 @@ def default_granularity(node) -> int:
     return DEFAULT_GRANULARITY
 
 
-def check_usable(bm: BlockDirtyBitmap, *, allow_readonly: bool = False) -> None:
-    """bdrv_dirty_bitmap_check(BDRV_BITMAP_DEFAULT), QEMU's messages."""
+def check_usable(bm: BlockDirtyBitmap, *, allow_readonly: bool = False,
+                 allow_inconsistent: bool = False) -> None:
+    """bdrv_dirty_bitmap_check(BDRV_BITMAP_DEFAULT), QEMU's messages (removal allows
+    an inconsistent bitmap: BDRV_BITMAP_BUSY | BDRV_BITMAP_RO)."""
     if bm.in_use():
         raise BlockError("Bitmap '%s' is currently in use by another operation and cannot be "
                          "used" % bm.name)
     if bm.readonly and not allow_readonly:
         raise BlockError("Bitmap '%s' is readonly and cannot be modified" % bm.name)
-    if bm.inconsistent:
+    if bm.inconsistent and not allow_inconsistent:
         raise BlockError("Bitmap '%s' is inconsistent and cannot be used" % bm.name,
                          hint="Try block-dirty-bitmap-remove to delete this bitmap from disk")
 

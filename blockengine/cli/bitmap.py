@@ -106,3 +106,62 @@ def _run(ctx: _Nodes, kind: str, name: str, merge_source: str | None,
     else:
         getattr(qmp_bitmaps, "block_dirty_bitmap_" + kind)(ctx, {"node": TARGET,
                                                                  "name": name})
+
+
+# ---- convert --bitmaps (qemu-img.c convert_check_bitmaps / convert_copy_bitmaps) ---------
+def supports_persistent_bitmaps(node) -> bool:
+    """bdrv_supports_persistent_dirty_bitmap(): only qcow2 v3 stores bitmaps."""
+    return node.driver_name == "qcow2" and node.drv.version >= 3
+
+
+def check_convert_source(images, skip_broken: bool) -> None:
+    """Before the target is created: one source, able to hold bitmaps, none of them
+    inconsistent unless --skip-broken-bitmaps."""
+    if len(images) > 1:
+        raise report.fail("Copying bitmaps only possible with single source")
+    node = images[0].node
+    if not supports_persistent_bitmaps(node):
+        raise report.fail("Source lacks bitmap support")
+    for bm in node.dirty_bitmaps:
+        if bm.persistent and bm.inconsistent and not skip_broken:
+            raise report.fail("Cannot copy inconsistent bitmap '%s'" % bm.name,
+                              hint="Try --skip-broken-bitmaps, or use 'qemu-img bitmap "
+                                   "--remove' to delete it")
+
+
+def check_convert_target(target) -> None:
+    """Once the target is open: it must be able to store them."""
+    if not supports_persistent_bitmaps(target.node):
+        raise report.fail("Format driver '%s' does not support bitmaps"
+                          % target.node.driver_name)
+
+
+def copy_bitmaps(source, target, skip_broken: bool) -> None:
+    """After the data: each persistent bitmap of the source is added to the target
+    (same granularity and enabled state) and filled by a merge; one that cannot be
+    filled is removed again before failing."""
+    ctx = _Nodes(target, source)
+    for bm in list(source.node.dirty_bitmaps):
+        if not bm.persistent:
+            continue
+        if skip_broken and bm.inconsistent:
+            report.warn("Skipping inconsistent bitmap '%s'" % bm.name)
+            continue
+        try:
+            qmp_bitmaps.block_dirty_bitmap_add(ctx, {
+                "node": TARGET, "name": bm.name, "granularity": bm.granularity,
+                "persistent": True, "disabled": bm.disabled})
+        except BlockError as e:
+            raise report.fail("Failed to create bitmap %s: %s" % (bm.name, e), hint=e.hint)
+        try:
+            qmp_bitmaps.block_dirty_bitmap_merge(ctx, {
+                "node": TARGET, "target": bm.name,
+                "bitmaps": [{"node": SOURCE, "name": bm.name}]})
+        except BlockError as e:
+            report.error("Failed to populate bitmap %s: %s" % (bm.name, e), e.hint)
+            try:
+                qmp_bitmaps.block_dirty_bitmap_remove(ctx, {"node": TARGET,
+                                                            "name": bm.name})
+            except BlockError:
+                pass             # QEMU ignores this error too
+            raise report.Exit(1)

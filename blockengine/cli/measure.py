@@ -23,6 +23,7 @@ from ..drivers.format.qcow2 import layout as Q
 from ..drivers.format.qcow2.bitmap import dir_entry_size
 from ..errors import BlockError, InvalidArgument
 from . import report
+from .bitmap import supports_persistent_bitmaps
 from .common import Session
 from .create import create_options
 from .imageinfo import StatusCursor
@@ -346,11 +347,6 @@ def measure_qcow2(opts: OptsSet, source, secrets) -> dict:
     if version >= 3 and source is not None and supports_persistent_bitmaps(source):
         info["bitmaps"] = persistent_bitmaps_size(source, cluster_size)
     return info
-
-
-def supports_persistent_bitmaps(node) -> bool:
-    """bdrv_supports_persistent_dirty_bitmap(): only qcow2 v3 stores bitmaps."""
-    return node.driver_name == "qcow2" and node.drv.version >= 3
 
 
 MEASURERS = {"raw": measure_raw, "qcow2": measure_qcow2, "luks": measure_luks}

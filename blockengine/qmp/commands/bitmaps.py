@@ -26,7 +26,7 @@ def block_dirty_bitmap_add(ctx, args: dict):
 
 def block_dirty_bitmap_remove(ctx, args: dict):
     node, bm = _lookup(ctx, args["node"], args["name"])
-    bitmaps.check_usable(bm)
+    bitmaps.check_usable(bm, allow_inconsistent=True)
     if bm.persistent:
         remove = getattr(node.drv, "remove_persistent_bitmap", None)
         if remove is not None:
