@@ -205,6 +205,14 @@ CREATE_SCRIPT = [
         "driver": "luks", "file": "f1", "size": MiB, "key-secret": "sec0", "iter-time": 10,
         "preallocation": "metadata"}}),
     ("job-dismiss", {"id": "luks"}),
+    # file options (nocow and the extent size hint are hints)
+    ("blockdev-create", {"job-id": "full", "options": {
+        "driver": "file", "filename": "DIR/full.raw", "size": MiB + 1,
+        "preallocation": "full", "nocow": True, "extent-size-hint": MiB}}),
+    ("blockdev-create", {"job-id": "falloc", "options": {
+        "driver": "file", "filename": "DIR/falloc.raw", "size": 2 * MiB,
+        "preallocation": "falloc"}}),
+    *[("job-dismiss", {"id": job}) for job in ("full", "falloc")],
     # qcow2 format options: preallocation, v2, small clusters, extended L2, zstd
     ("blockdev-create", {"job-id": "mkp", "options": {"driver": "file", "size": 0,
                                                       "filename": "DIR/p.qcow2"}}),
@@ -365,7 +373,7 @@ def test_blockdev_create_script(both, tmp_path):
         return json.loads(out.replace(str(tmp_path / side), "DIR"))
 
     # the qcow2 images are the same bytes (disk.qcow2 also after its resize)
-    for name in ("disk.qcow2", "data.raw", "p.qcow2", "x.qcow2"):
+    for name in ("disk.qcow2", "data.raw", "p.qcow2", "x.qcow2", "full.raw", "falloc.raw"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     for name in ("disk.qcow2", "ext.qcow2", "p.qcow2", "x.qcow2"):
         # the same bytes, but the host file system may allocate them differently
@@ -376,6 +384,9 @@ def test_blockdev_create_script(both, tmp_path):
             check = subprocess.run([qemu_img, "check", "-U", str(tmp_path / side / name)],
                                    capture_output=True, text=True)
             assert check.returncode == 0, (side, name, check.stdout)
+    for side in ("ref", "ours"):          # preallocated: every byte has its block
+        for name, size in (("full.raw", MiB + 1), ("falloc.raw", 2 * MiB)):
+            assert (tmp_path / side / name).stat().st_blocks * 512 >= size, (side, name)
     # VMDK: the same bytes but for the random CIDs of the descriptors
     for name in ("s.vmdk", "z.vmdk", "f.vmdk", "f-flat.vmdk", "t.vmdk", "t1.vmdk",
                  "bad.vmdk"):
