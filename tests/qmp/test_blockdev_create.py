@@ -271,6 +271,8 @@ JOB_ERRORS = [
      "Unsupported preallocation mode: metadata"),
     ({"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/missing"}, "size": MiB},
      "Could not open 'DIR/missing': No such file or directory"),
+    ({"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/raw.img"}, "size": MiB,
+      "data-file": "nosuch"}, "Cannot find device='nosuch' nor node-name='nosuch'"),
 ]
 
 
@@ -288,7 +290,9 @@ def test_job_errors(serve, tmp_path, options, message):
         await s.execute("blockdev-add", {"driver": "file", "filename": str(raw),
                                          "node-name": "ro", "read-only": True})
         assert await s.create_fails("j", here(options)) == here(message)
-        # the file node is unchanged and still usable
+        # no node left behind; the file node is unchanged and still usable
+        nodes = await s.execute("query-named-block-nodes")
+        assert sorted(n["node-name"] for n in nodes) == ["f0", "ro"]
         assert await s.execute("query-block-jobs") == []
         await s.execute("blockdev-del", {"node-name": "ro"})
         await s.execute("blockdev-del", {"node-name": "f0"})
