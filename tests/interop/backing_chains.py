@@ -79,14 +79,26 @@ def make_chains(d: Path) -> None:
         f.write(b"\x17" * 8192)
 
 
+def _without_offsets(extents: list) -> list:
+    """The map's guest view: host offsets dropped, then neighbours that only differed
+    by being discontiguous in the file merged."""
+    out: list = []
+    for e in extents:
+        e.pop("offset", None)
+        last = out[-1] if out else None
+        if last and all(last[k] == e[k] for k in ("depth", "present", "zero", "data")):
+            last["length"] += e["length"]
+        else:
+            out.append(e)
+    return out
+
+
 def image_state(d: Path, name: str) -> dict:
     """What a command may change, without host offsets (allocation may differ there)."""
     info = json.loads(_run("qemu-img", "info", "-U", "--output=json", name, cwd=d))
     res = subprocess.run(["qemu-img", "map", "-U", "--output=json", name], cwd=d,
                          capture_output=True, text=True)
-    extents = json.loads(res.stdout) if res.returncode == 0 else res.stderr
-    for e in extents if res.returncode == 0 else ():
-        e.pop("offset", None)
+    extents = _without_offsets(json.loads(res.stdout)) if res.returncode == 0 else res.stderr
     return {"virtual-size": info["virtual-size"],
             "backing": (info.get("backing-filename"), info.get("backing-filename-format")),
             "dirty": info.get("dirty-flag"), "map": extents}
@@ -99,10 +111,13 @@ def assert_same_images(ref_dir: Path, our_dir: Path, names=None) -> None:
                                str(our_dir / name)], capture_output=True, text=True)
         # 2: the backing file is gone on both sides (a header-only rebase to a new name)
         assert same.returncode in (0, 2), (name, same.stdout, same.stderr)
-        ref_check, our_check = (subprocess.run(["qemu-img", "check", "-U", name], cwd=d,
-                                               capture_output=True, text=True)
+        ref_check, our_check = (subprocess.run(["qemu-img", "check", "-U", "--output=json",
+                                                name], cwd=d, capture_output=True, text=True)
                                 for d in (ref_dir, our_dir))
         # clean, or unopenable on both sides (a backing file renamed by the command)
         assert our_check.returncode == ref_check.returncode in (0, 1), (name,
                                                                         our_check.stdout)
-        assert our_check.stdout == ref_check.stdout, name
+        if our_check.returncode == 0:
+            problems = [k for k in ("corruptions", "leaks", "check-errors")
+                        if json.loads(our_check.stdout).get(k)]
+            assert not problems, (name, our_check.stdout)
