@@ -308,11 +308,8 @@ def check_usable(bm: BlockDirtyBitmap, *, allow_readonly: bool = False,
 def create_bitmap(node, name: str | None, granularity: int | None = None, *,
                   persistent: bool = False, disabled: bool = False) -> BlockDirtyBitmap:
     """qmp_block_dirty_bitmap_add()'s checks and creation."""
-    if name is not None:
-        if not name:
-            raise InvalidArgument("Bitmap name cannot be empty")
-        if len(name) > BITMAP_NAME_MAX:
-            raise InvalidArgument("Bitmap name is too long")
+    if name is not None and not name:
+        raise InvalidArgument("Bitmap name cannot be empty")
     if granularity is None:
         granularity = default_granularity(node)
     elif (granularity < MIN_GRANULARITY or granularity & (granularity - 1)
@@ -326,6 +323,8 @@ def create_bitmap(node, name: str | None, granularity: int | None = None, *,
             raise BlockError("Can't store persistent bitmaps to %s: Operation not supported"
                              % node.node_name)
         can_store(name, granularity)
+    if name is not None and len(name) > BITMAP_NAME_MAX:    # bdrv_create_dirty_bitmap()
+        raise InvalidArgument("Bitmap name is too long")
     bm = BlockDirtyBitmap(node, name, granularity, disabled=disabled, persistent=persistent)
     add_bitmap(node, bm)
     return bm
