@@ -102,6 +102,7 @@ def img_info(path) -> dict:
 
 def test_file_then_qcow2_on_the_node_then_use_it(serve, tmp_path):
     image, base = tmp_path / "disk.qcow2", tmp_path / "base.qcow2"
+    copy = tmp_path / "copy.qcow2"
 
     async def test(s: Session):
         await s.create_ok("mkbase", {"driver": "file", "filename": str(base), "size": 0})
@@ -109,6 +110,11 @@ def test_file_then_qcow2_on_the_node_then_use_it(serve, tmp_path):
                                          "node-name": "base-file"})
         await s.create_ok("fmtbase", {"driver": "qcow2", "file": "base-file",
                                       "size": 4 * MiB})
+        # data in the base, written by qemu-io (an unused node holds no locks)
+        r = subprocess.run([require_tool("qemu-io"), "-f", "qcow2", "-c",
+                            "write -P 0x5a 1M 64k", str(base)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
         await s.create_ok("mkfile", {"driver": "file", "filename": str(image), "size": 0})
         await s.execute("blockdev-add", {"driver": "file", "filename": str(image),
                                          "node-name": "disk-file"})
@@ -123,6 +129,21 @@ def test_file_then_qcow2_on_the_node_then_use_it(serve, tmp_path):
         assert nodes["disk"]["backing_file"] == str(base)
         assert nodes["disk"]["image"]["backing-image"]["format"] == "qcow2"
         await s.execute("block_resize", {"node-name": "disk", "size": 8 * MiB})
+        # and copy it, backing data included, to a second image created the same way
+        await s.create_ok("mkcopy", {"driver": "file", "filename": str(copy), "size": 0})
+        await s.create_ok("fmtcopy", {"driver": "qcow2", "size": 8 * MiB,
+                                      "file": {"driver": "file", "filename": str(copy)}})
+        await s.execute("blockdev-add", {"driver": "qcow2", "node-name": "copy",
+                                         "file": {"driver": "file", "filename": str(copy)}})
+        await s.execute("blockdev-backup", {"job-id": "bk", "device": "disk",
+                                            "target": "copy", "sync": "full"})
+        statuses = []
+        while statuses[-1:] != ["null"]:
+            event = await s.listener.get()
+            assert event["data"]["id"] == "bk"
+            statuses.append(event["data"]["status"])
+        assert statuses == SUCCESS + ["null"]
+        await s.execute("blockdev-del", {"node-name": "copy"})
         await s.execute("blockdev-del", {"node-name": "disk"})
     session(serve, test)
 
@@ -136,6 +157,10 @@ def test_file_then_qcow2_on_the_node_then_use_it(serve, tmp_path):
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert img_info(base)["virtual-size"] == 4 * MiB
+    r = subprocess.run([require_tool("qemu-io"), "-r", "-f", "qcow2", "-c",
+                        "read -P 0x5a 1M 64k", "-c", "read -P 0 0 1M", "-c",
+                        "read -P 0 4M 4M", str(copy)], capture_output=True, text=True)
+    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
 
 
 def test_qcow2_is_byte_identical_to_qemu_img_create(serve, tmp_path):
