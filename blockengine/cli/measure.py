@@ -13,6 +13,7 @@ included) just to learn its length.
 """
 from __future__ import annotations
 
+import errno
 import sys
 
 from ..crypto import cipher as C
@@ -147,29 +148,27 @@ def _snapshot_opts(text: str) -> dict:
 
 
 def _load_snapshot(node, id_or_name: str | None, sn_opts: dict | None) -> None:
-    """bdrv_snapshot_load_tmp(_by_id_or_name)(): blockengine cannot read an internal
-    snapshot's contents, so a snapshot that exists is refused rather than measured
-    as the current state; the other outcomes are QEMU's."""
-    snapshots = getattr(node.drv, "snapshots", None)
-    if snapshots is None:
-        raise report.fail("Failed to load snapshot: Block format '%s' used by device '' "
-                          "does not support temporarily loading internal snapshots"
-                          % node.driver_name)
-    if sn_opts is not None:
-        snap_id, name = sn_opts.get("id"), sn_opts.get("name")
-        if snap_id is None and name is None:
-            raise report.fail("Failed to load snapshot: snapshot_id and snapshot_name are "
-                              "both NULL")
-        found = [s for s in snapshots
-                 if (snap_id is None or s.id_str == snap_id)
-                 and (name is None or s.name == name)]
-    else:
-        found = [s for s in snapshots if s.id_str == id_or_name] or \
-            [s for s in snapshots if s.name == id_or_name]
-    if not found:
-        raise report.fail("Failed to load snapshot: Can't find snapshot")
-    raise report.fail("Failed to load snapshot: measuring an internal snapshot is not "
-                      "supported by blockengine")
+    """bdrv_snapshot_load_tmp() (-l snapshot.id=,snapshot.name=) or
+    bdrv_snapshot_load_tmp_by_id_or_name() (-l ID_OR_NAME): the source shows the
+    snapshot's contents."""
+    load = getattr(node.drv, "snapshot_load_tmp", None)
+    try:
+        if load is None:
+            raise BlockError("Block format '%s' used by device '' does not support "
+                             "temporarily loading internal snapshots" % node.driver_name)
+        if sn_opts is not None:
+            if sn_opts.get("id") is None and sn_opts.get("name") is None:
+                raise BlockError("snapshot_id and snapshot_name are both NULL")
+            load(sn_opts.get("id"), sn_opts.get("name"))
+        else:
+            try:
+                load(id_or_name, None)
+            except BlockError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+                load(None, id_or_name)
+    except BlockError as e:
+        raise report.fail("Failed to load snapshot: %s" % e)
 
 
 def _create_opts(out_fmt: str, options: str | None) -> OptsSet:

@@ -134,6 +134,14 @@ def make_sources(d):
     qimg(d, "bitmap", "--add", "--disable", "bitmaps.qcow2", "b3")
     qio(d, "qcow2", "bitmaps.qcow2", "write -P 8 1G 1M")
     qimg(d, "create", "-f", "qcow2", "empty.qcow2", "0")
+    # internal snapshots with different contents; the image grows after them
+    qimg(d, "create", "-f", "qcow2", "snap.qcow2", "100M")
+    qio(d, "qcow2", "snap.qcow2", "write -P 1 0 5M")
+    qimg(d, "snapshot", "-c", "s1", "snap.qcow2")
+    qio(d, "qcow2", "snap.qcow2", "write -P 2 10M 20M", "write -z 0 1M")
+    qimg(d, "snapshot", "-c", "s2", "snap.qcow2")
+    qimg(d, "resize", "snap.qcow2", "200M")
+    qio(d, "qcow2", "snap.qcow2", "write -P 3 150M 1M")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +181,12 @@ def test_from_image(run_both, sources, source, target):
     ["--output", "json", "-O", "qcow2", "-o", "compat=0.10", "bitmaps.qcow2"],
     ["-O", "qcow2", "-o", "size=1P,cluster_size=512", "data.qcow2"],
     ["-O", "qcow2", "-o", "size=1G", "data.qcow2"],
+    ["-O", "qcow2", "snap.qcow2"], ["-O", "qcow2", "-l", "s1", "snap.qcow2"],
+    ["-O", "qcow2", "-l", "s2", "snap.qcow2"], ["-O", "qcow2", "-l", "1", "snap.qcow2"],
+    ["--output=json", "-O", "raw", "-l", "2", "snap.qcow2"],
+    ["-O", "qcow2", "-o", "cluster_size=4k", "-l", "snapshot.name=s1", "snap.qcow2"],
+    ["-O", "qcow2", "-l", "snapshot.id=2", "snap.qcow2"],
+    ["-O", "qcow2", "-l", "snapshot.id=1,snapshot.name=s1", "snap.qcow2"],
 ])
 def test_from_image_options(run_both, sources, args):
     same(run_both, ["measure", *args], sources)
@@ -221,7 +235,8 @@ def test_from_image_options(run_both, sources, args):
     ["-O", "qcow2", "-l", "snapshot.name=foo", "data.qcow2"],
     ["-O", "qcow2", "-l", "snapshot.id=1,snapshot.name=x", "data.qcow2"],
     ["-O", "qcow2", "-l", "snapshot.bad=foo", "data.qcow2"],
-    ["-O", "qcow2", "-l", "foo", "data.raw"],
+    ["-O", "qcow2", "-l", "foo", "data.raw"], ["-O", "qcow2", "-l", "3", "snap.qcow2"],
+    ["-O", "qcow2", "-l", "snapshot.id=1,snapshot.name=s2", "snap.qcow2"],
     ["-O", "nosuch", "nonexist.qcow2"],
 ])
 def test_errors(run_both, sources, args):

@@ -549,6 +549,19 @@ class Qcow2SnapshotMixin:
         # refcounts may have dropped to 1: set OFLAG_COPIED where they did
         update_snapshot_refcount(s, s.l1_table_offset, s.l1_size, 0)
 
+    def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None) -> None:
+        """qcow2_snapshot_load_tmp(): a read-only image shows a snapshot's contents
+        from now on (its L1 table replaces the active one in memory only)."""
+        s = self
+        i = find_by_id_and_name(s.snapshots, snapshot_id, name)
+        if i < 0:
+            raise BlockError("Can't find snapshot", errno=errno.ENOENT)
+        sn = s.snapshots[i]
+        _validate_l1(s, sn)
+        raw = _Reader(s.file).read(sn.l1_table_offset, sn.l1_size * L1E_SIZE)
+        s.l1_size, s.l1_table_offset = sn.l1_size, sn.l1_table_offset
+        s.l1_table = list(struct.unpack(">%dQ" % sn.l1_size, raw))
+
     def snapshot_delete(self, snapshot_id: str | None, name: str | None) -> None:
         """qcow2_snapshot_delete(): the snapshot matching id and name is removed."""
         s = self
