@@ -62,7 +62,7 @@ def cmd_bench(argv: list[str]) -> int:
     fmt = None
     count, depth, offset, bufsize, step, pattern = 75000, 64, 0, 4096, 0, 0
     flush_interval, drain_on_flush = 0, True
-    image_opts = is_write = force_share = quiet = False
+    image_opts = is_write = force_share = False
     cache, native = "writeback", False
     for key, arg in getopt(argv, ":hc:d:f:ni:o:qs:S:t:wU", LONGOPTS):
         if key is None:
@@ -82,7 +82,7 @@ def cmd_bench(argv: list[str]) -> int:
         elif key == "o":
             offset = _cvtnum("offset", arg)
         elif key == "q":
-            quiet = True
+            pass               # -q only quiets img_open(), which prints nothing here
         elif key == "s":
             bufsize = _bounded("buffer size", arg)
         elif key == "S":
@@ -113,7 +113,6 @@ def cmd_bench(argv: list[str]) -> int:
     if native and not CACHE_MODES[cache][0]:
         raise report.fail("Could not open '%s': aio=native was specified, but it requires "
                           "cache.direct=on, which was not specified." % filename)
-    del quiet            # -q only quiets img_open, which prints nothing here
 
     img = session.open(filename, fmt, image_opts=image_opts, writable=is_write,
                        force_share=force_share, cache=cache, source_cache=False)
