@@ -688,29 +688,30 @@ class VmdkDriver(BlockDriver):
         also takes a grain in sequential pieces (what a converter skipping zero runs
         sends): the grain is assembled in memory and written compressed once its last
         byte arrives, another grain is written, or on flush/close."""
-        cbytes = ext.cluster_sectors * SECTOR
         if not ext.has_marker:
             raise IOFailure("Invalid argument", errno=errno.EINVAL)
         cstart = off - oic
+        # the last grain of the extent may be short: QEMU deflates just its bytes
+        glen = min(ext.cluster_sectors * SECTOR, ext.end_sector * SECTOR - cstart)
         pend = self._pending
         if pend is not None and pend[1] != cstart:
             self._flush_pending()
             pend = None
-        if oic == 0 and len(piece) == cbytes:
+        if oic == 0 and len(piece) == glen:
             self._pending = None
             self._compress_grain(ext, off, piece, l1i, l2i, deflated)
             return
         if not ext.l1_table[l1i]:
             raise IOFailure("Input/output error", errno=errno.EIO)
         if pend is None:
-            grain = bytearray(cbytes)
+            grain = bytearray(glen)
             if self.node.backing is not None and ret != VMDK_ZEROED:
                 if not self._cid_valid():
                     raise IOFailure("Invalid argument", errno=errno.EINVAL)
                 self._read_backing(cstart, memoryview(grain))
             pend = self._pending = (ext, cstart, grain, l1i, l2i)
         pend[2][oic:oic + len(piece)] = piece
-        if oic + len(piece) == cbytes:
+        if oic + len(piece) == glen:
             self._flush_pending()
 
     def _flush_pending(self) -> None:
