@@ -18,7 +18,7 @@ from .create import _desc, find_format
 from .getopt import NO_ARG
 from .img import FORMAT, HELP, IMAGE_OPTS, OBJECT, _accumulate_options, parse_args
 from .opts import OptionError, OptsSet, has_help_option, print_help
-from .output import Progress
+from .output import Progress, _f32
 
 FORCE = ("force", NO_ARG, "force")
 CREATION_ONLY_HINT = "This option is only supported for image creation\n"
@@ -75,8 +75,9 @@ def _amend(session: Session, operands: list[str], fmt: str | None, options: str,
         parsed = _parse(options, amend_opts, drv.info.create_opts)
         bar.print(0.0, 0)
         try:
-            drv.amend_options(parsed.values, force,
-                              lambda done, total: bar.print(100.0 * done / total, 0))
+            drv.amend_options(parsed.values, force, lambda done, total: bar.print(
+                # amend_status_cb(): 100.f * offset / total_work_size, in C float
+                _f32(_f32(100.0 * _f32(done)) / _f32(total)), 0))
         except BlockError as e:
             _report(str(e), e.hint)
             raise report.Exit(1)

@@ -263,9 +263,15 @@ def test_qcow2_amend(run_both, qemu_img, qemu_io, steps, options, extra):
     both.assert_same()
     assert both.ref.returncode == 0, both.ref.stderr
     _check_same_images(qemu_img, both)
-    info = [_run(qemu_img, "info", "--output=json", "q.qcow2", cwd=d).stdout.decode()
-            for d in (both.ref_dir, both.our_dir)]
-    assert info[0].splitlines() == info[1].splitlines()
+    assert _info(qemu_img, both.our_dir) == _info(qemu_img, both.ref_dir)
+
+
+def _info(qemu_img, directory) -> list[str]:
+    """`img info --output=json` lines but the file's allocated size: equal files can
+    differ by a block there (ext4 counts an extent index block once a file has more
+    than four extents, which depends on where free space happened to be)."""
+    out = _run(qemu_img, "info", "--output=json", "q.qcow2", cwd=directory).stdout.decode()
+    return [line for line in out.splitlines() if '"actual-size"' not in line]
 
 
 @pytest.mark.parametrize("steps,options", QCOW2_ERRORS,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 from array import array
+from functools import partial
 from itertools import groupby
 
 from ....errors import BlockError, CorruptImage, InvalidArgument, NotSupported
@@ -28,6 +29,7 @@ from ..luks.driver import AMEND_OPTS as LUKS_AMEND_OPTS, amend_keyslots
 from . import layout as L
 from . import overlap as OL
 from .native import N
+from .snapshot import write_snapshots
 from .layout import CL_ZERO_ALLOC, CL_ZERO_PLAIN, L1E_OFFSET_MASK, L2E_OFFSET_MASK
 
 ENCRYPT_PREFIX = "encrypt."
@@ -140,9 +142,9 @@ def amend_options(s, opts: dict, force: bool, status_cb=None) -> None:
         progress.current = UPDATING_ENCRYPTION
         crypto_opts = {name[len(ENCRYPT_PREFIX):]: text for name, (text, _) in opts.items()
                        if name.startswith(ENCRYPT_PREFIX)}
-        amend_keyslots(s.crypto, s._crypto_hdr_read, lambda off, data: _crypto_hdr_write(
-            s, off, data), crypto_opts, force, getattr(s.node.graph, "secrets", None),
-            _encrypt_key_secret(s))
+        amend_keyslots(s.crypto, s._crypto_hdr_read, partial(_crypto_hdr_write, s),
+                       crypto_opts, force, getattr(s.node.graph, "secrets", None),
+                       _encrypt_key_secret(s))
 
     if s.refcount_bits != refcount_bits:
         if new_version < 3 and refcount_bits != 16:
@@ -192,7 +194,6 @@ def upgrade(s, progress) -> None:
     in every snapshot's extra data; the snapshot table is rewritten if one lacks them."""
     progress(0, 2)
     if any(sn.extra_data_size < 16 for sn in s.snapshots):
-        from .snapshot import write_snapshots
         try:
             write_snapshots(s)
         except BlockError as e:
