@@ -6,6 +6,8 @@ records every guest write.  The job first marks what to copy (sync=full: everyth
 top: what is allocated above the source's backing; none: nothing), then copies dirty
 runs (clearing their bits *before* reading, so a write racing with the copy re-dirties
 its chunk).  When nothing is dirty the job becomes READY and keeps copying new writes.
+In background mode a chunk's target write runs behind (``WriteBehind``) while the next
+chunk is read; READY waits for it.
 
 Copy modes (QEMU 7.2's MirrorCopyMode): ``background`` copies only from the dirty bitmap;
 ``write-blocking`` also mirrors every guest write through the filter to the target
