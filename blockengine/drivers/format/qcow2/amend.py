@@ -428,6 +428,9 @@ def expand_zero_clusters(s, progress) -> None:
     l1_entries = s.l1_size + sum(sn.l1_size for sn in s.snapshots)
     visited = [0]
     _expand_in_l1(s, s.l1_table, True, visited, l1_entries, progress)
+    # qcow2_cache_depends_on_flush(): the zeroes are stable before the L2 tables that
+    # point to them are written, then qcow2_cache_empty()
+    s.data_file.flush()
     s.flush_caches()
     s.l2_cache.clear()
     for sn in s.snapshots:
