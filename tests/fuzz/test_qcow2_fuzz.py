@@ -64,7 +64,7 @@ HOSTILE = {
     "snapshots_max_past_eof": [(60, ">I", 65536), (64, ">Q", 1 << 30)],
     "snapshots_max_on_header": [(60, ">I", 65536), (64, ">Q", 0)],
 }
-HOSTILE_SECONDS = 6.0
+HOSTILE_SECONDS = 5.0
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -76,6 +76,6 @@ def test_hostile_counts_cost_what_the_file_holds(tmp_path_factory, tmp_path, cas
         struct.pack_into(fmt, data, offset, value)
     path = tmp_path / "hostile.qcow2"
     path.write_bytes(bytes(data))
-    start = time.monotonic()
+    start = time.process_time()         # CPU time: other processes share the machine
     harness.exercise(path)
-    assert time.monotonic() - start < HOSTILE_SECONDS
+    assert time.process_time() - start < HOSTILE_SECONDS

@@ -21,9 +21,12 @@ qemu-img turns into "Check failed: <strerror>".
 """
 from __future__ import annotations
 
+import bisect
 import errno
+import mmap
 import operator
 import os
+import re
 import struct
 import sys
 from itertools import compress
@@ -41,6 +44,7 @@ from . import overlap as OL
 from .sparse import nonzero_indexes
 
 CHECK_FRAG_INFO = 2
+_NONZERO = re.compile(rb"[^\x00]")
 FIX_LEAKS, FIX_ERRORS = 1, 2
 INT64_MAX = (1 << 63) - 1
 INT_MAX = 0x7FFFFFFF
@@ -88,7 +92,7 @@ class IMRT:
         self.order = s.refcount_order
         self.max = s.refcount_max
         self.n = 0
-        self.buf = bytearray()
+        self.buf = _zeroed(0)
         self.resize(n)
 
     def _bytes(self, n: int) -> int:
@@ -98,9 +102,14 @@ class IMRT:
 
     def resize(self, n: int) -> None:
         nb = self._bytes(n)
-        if nb > len(self.buf):
-            self.buf += bytes(nb - len(self.buf))
+        self.ensure_bytes(nb)
         self.n = n
+
+    def ensure_bytes(self, nb: int) -> None:
+        if nb > len(self.buf):
+            buf = _zeroed(nb)
+            buf[:len(self.buf)] = self.buf[:]
+            self.buf = buf
 
     def get(self, i: int) -> int:
         return N.refcount_get(self.buf, self.order, i)
@@ -109,7 +118,32 @@ class IMRT:
         N.refcount_set_range(self.buf, self.order, i, 1, v)
 
     def clear(self) -> None:
-        self.buf[:] = bytes(len(self.buf))
+        self.buf = _zeroed(len(self.buf))
+
+    def next_used(self, i: int, n: int) -> int:
+        """The first cluster in [i, n) whose byte holds a nonzero refcount, else n
+        (may be a cluster sharing a byte with a used one)."""
+        pos = _first_nonzero(self.buf, (i << self.order) // 8,
+                             min(len(self.buf), -(-(n << self.order) // 8)))
+        return n if pos < 0 else min(n, max(i, (pos * 8) >> self.order))
+
+
+def _zeroed(nb: int):
+    """A zeroed writable buffer whose pages cost nothing until written: the IMRT of a
+    huge sparse image (a repair may grow the file to where a refblock pointed) is
+    mostly zeroes."""
+    return mmap.mmap(-1, nb) if nb else bytearray()
+
+
+def _first_nonzero(buf, pos: int, stop: int) -> int:
+    """Offset of the first nonzero byte of buf[pos:stop], -1 if none (C speed)."""
+    step = 1 << 16
+    while pos < stop:
+        n = min(step, stop - pos)
+        if not N.buffer_is_zero(buf, pos, n):
+            return _NONZERO.search(buf, pos, pos + n).start()
+        pos += n
+    return -1
 
 
 class Checker:
@@ -455,8 +489,21 @@ class Checker:
         highest = 0
         i = 0
         n = imrt.n
+        tbl = s.refcount_table
+        with_block = [t for t in nonzero_indexes(tbl, s.refcount_table_size)
+                      if tbl[t] & REFT_OFFSET_MASK]
         while i < n:
             ti = i >> rbb
+            k = bisect.bisect_left(with_block, ti)
+            if k == len(with_block) or with_block[k] != ti:
+                # no refcount block: stored refcounts are zero, so only clusters with
+                # a reference need a look; jump to the next one or the next block
+                # (a huge sparse image has long runs of both)
+                nxt = min(imrt.next_used(i, n),
+                          with_block[k] << rbb if k < len(with_block) else n)
+                if nxt > i:
+                    i = nxt
+                    continue
             k = min(rbs - (i & (rbs - 1)), n - i)
             computed = N.refcount_get_range(imrt.buf, imrt.order, i, k)
             stored = self._stored_range(ti, i & (rbs - 1), k)
@@ -555,12 +602,11 @@ class Checker:
         grown = False
         cluster = first
         while cluster < end:
-            # skip all-zero parts of the IMRT a megabyte at a time (huge sparse files)
+            # skip all-zero parts of the IMRT at C speed (huge sparse files)
             pos = (cluster << imrt.order) // 8
             stop = min(len(imrt.buf), -(-(min(end, imrt.n) << imrt.order) // 8))
-            while pos < stop and not imrt.buf[pos:pos + (1 << 20)].strip(b"\0"):
-                pos += 1 << 20
-            if pos >= stop:
+            pos = _first_nonzero(imrt.buf, pos, stop)
+            if pos < 0:
                 break
             cluster = max(cluster, (pos * 8) >> imrt.order)
             ri = cluster >> rbb
@@ -592,8 +638,7 @@ class Checker:
             try:
                 s.pre_write_overlap_check(0, rb_off, cs)
                 # the refblock is a slice of the IMRT (whose size is whole clusters)
-                if len(imrt.buf) < (ri + 1) * cs:
-                    imrt.buf += bytes((ri + 1) * cs - len(imrt.buf))
+                imrt.ensure_bytes((ri + 1) * cs)
                 s.file.pwrite(rb_off, bytes(imrt.buf[ri * cs:(ri + 1) * cs]))
             except BlockError as e:
                 error_report("ERROR writing refblock: %s" % os.strerror(e.errno or errno.EIO))

@@ -99,7 +99,7 @@ def _raw(text: str) -> bytes:
 
 
 def _cstring(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    return raw.partition(b"\0")[0].decode("utf-8", "surrogateescape")
 
 
 def _display(text: str) -> str:
@@ -125,6 +125,11 @@ class _Reader:
         if length > self.WINDOW:
             return b"".join(self.read(offset + i, min(self.WINDOW, length - i))
                             for i in range(0, length, self.WINDOW))
+        start = self.at(offset, length)
+        return self.buf[start:start + length]
+
+    def at(self, offset: int, length: int) -> int:
+        """Where ``length`` (<= WINDOW) bytes at offset are in ``self.buf``."""
         if not (self.base <= offset and offset + length <= self.base + len(self.buf)):
             self.base = offset
             n = max(0, min(2 * self.WINDOW, self.end - offset))
@@ -134,8 +139,7 @@ class _Reader:
                 raise InvalidImage("Failed to read snapshot table: %s"
                                    % _strerror(e), errno=e.errno or errno.EIO) from None
             self.buf += bytes(2 * self.WINDOW - len(self.buf))
-        start = offset - self.base
-        return self.buf[start:start + length]
+        return offset - self.base
 
 
 def _strerror(e: BlockError) -> str:
@@ -179,8 +183,9 @@ def read_table(file, snapshots_offset: int, nb_snapshots: int, disk_size: int,
                          for _ in range(rest))
             offset += rest * SNAPSHOT_HEADER.size
             break
+        at = rd.at(offset, SNAPSHOT_HEADER.size)     # (moves the window: before rd.buf)
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
-         extra_size) = SNAPSHOT_HEADER.unpack(rd.read(offset, SNAPSHOT_HEADER.size))
+         extra_size) = SNAPSHOT_HEADER.unpack_from(rd.buf, at)
         offset += SNAPSHOT_HEADER.size
         if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             if not repair:
@@ -193,8 +198,12 @@ def read_table(file, snapshots_offset: int, nb_snapshots: int, disk_size: int,
             out.extra_dropped += 1
             truncate_unknown = True
         known = min(SNAPSHOT_EXTRA.size, extra_size)
-        vm_large, dsize, icount = SNAPSHOT_EXTRA.unpack(
-            rd.read(offset, known) + bytes(SNAPSHOT_EXTRA.size - known))
+        if known == SNAPSHOT_EXTRA.size:
+            at = rd.at(offset, known)
+            vm_large, dsize, icount = SNAPSHOT_EXTRA.unpack_from(rd.buf, at)
+        else:
+            vm_large, dsize, icount = SNAPSHOT_EXTRA.unpack(
+                rd.read(offset, known) + bytes(SNAPSHOT_EXTRA.size - known))
         offset += known
         if extra_size >= EXTRA_END_VM_STATE:
             vm_state = vm_large
