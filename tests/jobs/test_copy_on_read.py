@@ -9,7 +9,7 @@ import pytest
 from tests.tooling import require_tool
 
 from .helpers import Ctx, Writer
-from .test_interop_qsd import SIZE, _qcow2_chain, both  # noqa: F401  (fixture)
+from .test_interop_qsd import _qcow2_chain, both, qcow2_ok  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.interop
 
@@ -99,13 +99,6 @@ def test_blockdev_add_errors_like_qsd(both, qcow2_ok):
     assert both.cmd("blockdev-del", **{"node-name": "top"}) == "Block device top is in use"
     both.cmd("blockdev-del", **{"node-name": "c1"})
     both.cmd("blockdev-del", **{"node-name": "top"})
-
-
-@pytest.fixture
-def qcow2_ok():
-    from blockengine.graph import registry
-    if not registry.has_driver("qcow2"):
-        pytest.skip("qcow2 driver not registered yet")
 
 
 def _graph(side_nodes):
