@@ -115,6 +115,24 @@ def test_command_line(run_both, qemu_img, args):
     assert (both.ref_dir / "q.qcow2").read_bytes() == (both.our_dir / "q.qcow2").read_bytes()
 
 
+@pytest.mark.parametrize("steps,args", [
+    (["create -f qcow2 b.qcow2 1M", "create -f qcow2 -b b.qcow2 -F qcow2 q.qcow2",
+      "rm b.qcow2"], ["-o", "lazy_refcounts=on", "q.qcow2"]),      # backing file missing
+    (["create -f raw q.qcow2 1M"], ["-o", "lazy_refcounts=on", "q.qcow2"]),  # probed raw
+    (["create -f raw q.qcow2 1M"], ["-o", "help", "q.qcow2"]),
+    (["create -f vmdk q.qcow2 1M"], ["-o", "help", "q.qcow2"]),
+    (["create -f vmdk q.qcow2 1M"], ["-f", "vmdk", "-o", "x=y", "q.qcow2"]),
+    (["create -f qcow2 q.qcow2 1M"], ["-f", "raw", "-o", "size=2M", "q.qcow2"]),
+    (["create -f qcow2 q.qcow2 1M"], ["-f", "qcow2", "--image-opts", "-o", "size=2M",
+                                      "driver=qcow2,file.filename=q.qcow2"]),
+])
+def test_open_and_driver_errors(run_both, qemu_img, qemu_io, steps, args):
+    both = run_both(["amend", *args], _setup_qcow2(qemu_img, qemu_io, steps))
+    both.assert_same()
+    assert both.ref.returncode == 1
+    _check_files_same(both)
+
+
 # ---- qcow2 ---------------------------------------------------------------------------------
 EMPTY = ["create -f qcow2 q.qcow2 1M"]
 DATA = ["create -f qcow2 q.qcow2 4M",
@@ -225,7 +243,9 @@ def _setup_qcow2(qemu_img, qemu_io, steps):
     def _build(d):
         d.mkdir()
         for step in steps:
-            if step.startswith("io"):
+            if step.startswith("rm "):
+                (d / step[3:]).unlink()
+            elif step.startswith("io"):
                 target, cmd = step.split(" ", 1)
                 name = target.split(":", 1)[1] if ":" in target else "q.qcow2"
                 _run(qemu_io, "-c", cmd, name, cwd=d)
@@ -243,9 +263,13 @@ def _sparse_copy(src, dst):
     _run("cp", "--sparse=always", src, dst)
 
 
-def _check_same_images(qemu_img, both):
+def _check_files_same(both):
     for f in sorted(p.name for p in both.ref_dir.iterdir()):
         assert (both.our_dir / f).read_bytes() == (both.ref_dir / f).read_bytes(), f
+
+
+def _check_same_images(qemu_img, both):
+    _check_files_same(both)
     ref, ours = (_run(qemu_img, "check", "q.qcow2", cwd=d, check=False)
                  for d in (both.ref_dir, both.our_dir))
     assert (ours.returncode, ours.stdout, ours.stderr) == \
