@@ -16,7 +16,7 @@ has it) and the intermediate images leave the graph.
 from __future__ import annotations
 
 from ..drivers.filter.common import drop_filter
-from ..errors import BlockError
+from ..errors import BlockError, prefixed
 from ..graph.child import ChildRole
 from ..graph.node import BlockNode
 from ..graph.perms import Perm
@@ -100,7 +100,7 @@ class StreamJob(Job):
             try:
                 cor = graph.open_node(opts)
             except BlockError as e:
-                raise type(e)("Could not create node: %s" % e) from e
+                raise prefixed(e, "Could not create node: ") from e
             cor.monitor_owned = False
             cor.implicit = node_name is None
             try:
@@ -108,7 +108,7 @@ class StreamJob(Job):
             except BlockError as e:
                 graph.nodes.pop(cor.node_name, None)
                 graph._close(cor)
-                raise type(e)("Could not replace node: %s" % e) from e
+                raise prefixed(e, "Could not replace node: ") from e
         return cor
 
     def _drop_filter(self) -> None:
