@@ -1012,14 +1012,50 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
 
     def make_empty(self) -> None:
         """qcow2_make_empty() (bdrv_make_empty, `img commit` empties the committed image):
-        every cluster unallocated, so reads fall through to the backing file again.
-        QEMU's general path; its shortcut for v3 images without snapshots (truncate to
-        the header clusters, make_completely_empty) gives the same guest view."""
+        every cluster unallocated, so reads fall through to the backing file again."""
         self._begin_write()
-        step = (2**31 - 1) // self.cluster_size * self.cluster_size
+        cs = self.cluster_size
+        l1_clusters = -(-self.l1_size * L.L1E_SIZE // cs)
+        if (self.version >= 3 and not self.nb_snapshots
+                and not (self.bitmaps_ext and self.bitmaps_ext[0])
+                and 3 + l1_clusters <= self.refcount_block_size
+                and self.crypt_method_header != L.QCOW_CRYPT_LUKS and not self.has_data_file):
+            self._make_completely_empty(l1_clusters)
+            return
+        # the general path: discard every cluster
+        step = (2**31 - 1) // cs * cs
         for offset in range(0, self.total_size, step):
             self.cluster_discard(offset, min(step, self.total_size - offset),
                                  L.QCOW2_DISCARD_SNAPSHOT, True)
+
+    def _make_completely_empty(self, l1_clusters: int) -> None:
+        """make_completely_empty(): only the header, a one-cluster refcount table, one
+        refcount block and an empty L1 table remain (clusters 0, 1, 2, 3...), and the
+        file is truncated after them.  The dirty flag covers the window in which the
+        refcounts on disk are wrong; nothing else of the old image is needed."""
+        cs = self.cluster_size
+        for cache in (self.l2_cache, self.refcount_cache):
+            cache.flush()
+            cache.clear()
+        self.mark_dirty()
+        self.file.pwrite_zeroes(self.l1_table_offset, l1_clusters * cs)
+        self.l1_table = [0] * self.l1_size
+        self.file.pwrite_zeroes(cs, (2 + l1_clusters) * cs)
+        # l1_table_offset, refcount_table_offset, refcount_table_clusters (contiguous)
+        self.file.pwrite(L.OFS_L1_SIZE + 4, struct.pack(">QQI", 3 * cs, cs, 1))
+        self.file.flush()
+        self.l1_table_offset = 3 * cs
+        self.refcount_table = array("Q", bytes(cs))
+        self.refcount_table_offset, self.refcount_table_size = cs, cs // 8
+        self.file.pwrite(cs, struct.pack(">Q", 2 * cs))
+        self.file.flush()
+        self.refcount_table[0] = 2 * cs
+        self.max_refcount_table_index = 0
+        self.free_cluster_index = 0
+        if self.alloc_clusters(3 * cs + self.l1_size * L.L1E_SIZE) != 0:
+            raise CorruptImage("First cluster in emptied image is in use")
+        self.mark_clean()
+        self.file.truncate((3 + l1_clusters) * cs)
 
     def flush(self) -> None:
         """qcow2_co_flush_to_os(): write back the metadata caches."""
