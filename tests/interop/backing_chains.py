@@ -121,3 +121,20 @@ def assert_same_images(ref_dir: Path, our_dir: Path, names=None) -> None:
             problems = [k for k in ("corruptions", "leaks", "check-errors")
                         if json.loads(our_check.stdout).get(k)]
             assert not problems, (name, our_check.stdout)
+
+
+def make_vmdk_chain(d: Path) -> None:
+    """vbase.vmdk (1 MiB, P1 @0 64k) <- vtop.vmdk (P2 @64k 64k): a format that has
+    backing files but cannot rewrite them (no change_backing_file) nor empty itself."""
+    _run("qemu-img", "create", "-q", "-f", "vmdk", "vbase.vmdk", "1M", cwd=d)
+    _run("qemu-io", "-f", "vmdk", "-c", "write -P 1 0 64k", "vbase.vmdk", cwd=d)
+    _run("qemu-img", "create", "-q", "-f", "vmdk", "-b", "vbase.vmdk", "-F", "vmdk",
+         "vtop.vmdk", cwd=d)
+    _run("qemu-io", "-f", "vmdk", "-c", "write -P 2 64k 64k", "vtop.vmdk", cwd=d)
+
+
+def assert_same_content(ref_dir: Path, our_dir: Path, name: str) -> None:
+    """qemu-img compare of one image on both sides (through each side's chain)."""
+    same = subprocess.run(["qemu-img", "compare", "-U", str(ref_dir / name),
+                           str(our_dir / name)], capture_output=True, text=True)
+    assert same.returncode == 0, (name, same.stdout, same.stderr)

@@ -8,10 +8,12 @@ depends on timing (QEMU's too): it is compared as its first and last values."""
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 
-from tests.interop.backing_chains import assert_same_images, make_chains
+from tests.interop.backing_chains import (assert_same_content, assert_same_images,
+                                          make_chains, make_vmdk_chain)
 
 pytestmark = pytest.mark.interop
 
@@ -107,3 +109,15 @@ def test_progress_is_printed_while_the_job_runs(run_both):
     _, _, values, rest = _progress_outline(both.ours.stdout)
     assert values[0] == 0.0 and values[-1] == 100.0
     assert rest == "\nImage committed.\n"
+
+
+@pytest.mark.parametrize("args", [["vtop.vmdk"], ["-d", "vtop.vmdk"]], ids=" ".join)
+def test_commit_vmdk(run_both, args):
+    """VMDK cannot be emptied (bdrv_make_empty: ENOTSUP, which qemu-img ignores)."""
+    both = run_both(["commit"] + args, make_vmdk_chain)
+    both.assert_same()
+    assert both.ref.returncode == 0
+    assert_same_content(both.ref_dir, both.our_dir, "vbase.vmdk")
+    check = subprocess.run(["qemu-img", "check", str(both.our_dir / "vbase.vmdk")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout

@@ -8,7 +8,9 @@ import subprocess
 
 import pytest
 
-from tests.interop.backing_chains import QCOW2_IMAGES, assert_same_images, make_chains
+from tests.interop.backing_chains import (QCOW2_IMAGES, assert_same_content,
+                                          assert_same_images, make_chains,
+                                          make_vmdk_chain)
 
 pytestmark = pytest.mark.interop
 
@@ -110,3 +112,14 @@ def test_safe_rebase_keeps_guest_view(run_both, tmp_path):
     res = subprocess.run(["qemu-img", "compare", str(pristine / "top.qcow2"),
                           str(both.our_dir / "top.qcow2")], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("args", [["-u", "-b", "x.vmdk", "-F", "vmdk", "vtop.vmdk"],
+                                  ["-b", "", "vtop.vmdk"]], ids=" ".join)
+def test_rebase_vmdk_cannot_change_backing(run_both, args):
+    """VMDK has backing files but QEMU cannot rewrite them: the safe rebase copies,
+    then fails on the header, exactly as qemu-img does."""
+    both = run_both(["rebase"] + args, make_vmdk_chain)
+    both.assert_same()
+    assert both.ref.returncode == 1
+    assert_same_content(both.ref_dir, both.our_dir, "vtop.vmdk")
