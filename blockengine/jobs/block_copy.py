@@ -9,7 +9,6 @@ point-in-time semantics of backup.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 
 from ..bitmaps import BlockDirtyBitmap
@@ -36,45 +35,6 @@ class CopyBuffer:
         view = memoryview(self.buf)[:length]
         node.preadv(offset, view)
         return view
-
-
-class WriteBehind:
-    """Overlaps a copy loop's reads with its writes: the write of one chunk runs in a
-    helper thread while the loop reads the next chunk into the other buffer.  (QEMU
-    keeps several requests of a job in flight; one at a time, a copy's reads and
-    writes add up.)  A failed write is reported by the next ``submit`` or ``wait``,
-    with the ``info`` it was submitted with; ``close`` must be called in the end."""
-
-    def __init__(self, size: int = MAX_CHUNK):
-        self._buffers = (CopyBuffer(size), CopyBuffer(size))
-        self._next = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "write-behind")
-        self._pending = None
-
-    @property
-    def buffer(self) -> CopyBuffer:
-        """The buffer to read the next chunk into (not the one being written)."""
-        return self._buffers[self._next]
-
-    def submit(self, write, info):
-        """Start ``write()`` (of data in ``buffer``); returns (info, error) of the
-        previous write if it failed, else None."""
-        failed = self.wait()
-        self._pending = (self._pool.submit(write), info)
-        self._next ^= 1
-        return failed
-
-    def wait(self):
-        """Wait for the write in flight; (info, error) if it failed, else None."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        error = pending[0].exception()
-        return None if error is None else (pending[1], error)
-
-    def close(self) -> None:
-        self.wait()
-        self._pool.shutdown()
 
 
 class DataExtentCache:

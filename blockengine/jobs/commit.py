@@ -17,7 +17,7 @@ from ..drivers.filter.commit_top import CommitTopDriver
 from ..drivers.filter.common import drop_filter, open_implicit_filter
 from ..errors import BlockError
 from ..graph.perms import Perm
-from .block_copy import WriteBehind
+from .block_copy import CopyBuffer
 from .job import Job
 from .mirror import JobBackend, MirrorJob
 from .stream import change_backing
@@ -77,25 +77,13 @@ class CommitJob(Job):
             raise
 
     def run(self) -> None:
-        size = self.top.total_size
-        if self.base.total_size < size:
-            self.base.truncate(size)
-        self.progress_set_remaining(size)
-        writer = WriteBehind(CHUNK)     # base is written while top is read on
-        try:
-            pos = 0
-            while pos < size:
-                pos = self._copy_from(pos, size, writer)
-                failed = writer.wait()
-                if failed is not None:
-                    pos = self._retry(failed)
-        finally:
-            writer.close()
-
-    def _copy_from(self, pos: int, size: int, writer: WriteBehind) -> int:
-        """Copy [pos, size) (the last write may still be in flight); returns where a
-        failed write makes the copy start again, or size."""
         top, base = self.top, self.base
+        size = top.total_size
+        if base.total_size < size:
+            base.truncate(size)
+        self.progress_set_remaining(size)
+        buffer = CopyBuffer(CHUNK)
+        pos = 0
         while pos < size:
             self.pause_point()
             n = min(CHUNK, size - pos)
@@ -103,11 +91,7 @@ class CommitJob(Job):
                 allocated, n = top.is_allocated_above(pos, n, base)
                 n = max(1, n)
                 if allocated:
-                    buf = writer.buffer.read(top, pos, n)
-                    failed = writer.submit(lambda at=pos, data=buf: base.pwrite(at, data),
-                                           (pos, n))
-                    if failed is not None:
-                        return self._retry(failed)
+                    base.pwrite(pos, buffer.read(top, pos, n))
             except BlockError as e:
                 # commit_run(): anything but report retries the chunk
                 self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False), e)
@@ -116,15 +100,6 @@ class CommitJob(Job):
             self.progress(n)
             if allocated:
                 self.ratelimit(n)
-        return pos
-
-    def _retry(self, failed) -> int:
-        """A write behind failed: its bytes are not done after all, the error policy
-        applies (report raises) and the copy starts again at its chunk."""
-        (chunk_pos, chunk_len), error = failed
-        self.progress(-chunk_len)
-        self.handle_io_error(self.on_error_policy, False, error)
-        return chunk_pos
 
     def prepare(self) -> None:
         self.base.flush()

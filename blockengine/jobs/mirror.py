@@ -6,8 +6,6 @@ records every guest write.  The job first marks what to copy (sync=full: everyth
 top: what is allocated above the source's backing; none: nothing), then copies dirty
 runs (clearing their bits *before* reading, so a write racing with the copy re-dirties
 its chunk).  When nothing is dirty the job becomes READY and keeps copying new writes.
-In background mode a chunk's target write runs behind (``WriteBehind``) while the next
-chunk is read; READY waits for it.
 
 Copy modes (QEMU 7.2's MirrorCopyMode): ``background`` copies only from the dirty bitmap;
 ``write-blocking`` also mirrors every guest write through the filter to the target
@@ -35,7 +33,7 @@ from ..drivers.filter.mirror_top import MirrorTopDriver
 from ..errors import BlockError, InvalidArgument, JobError
 from ..graph.backend import BlockBackend
 from ..graph.perms import Perm
-from .block_copy import CopyBuffer, DataExtentCache, WriteBehind
+from .block_copy import CopyBuffer, DataExtentCache
 from .job import Job, device_name
 
 DEFAULT_BUF_SIZE = 16 << 20
@@ -160,17 +158,6 @@ class MirrorJob(Job):
         self._dirty_init(size)
         self.extents = DataExtentCache(self.source)
         self.buffer = CopyBuffer(min(self.buf_size, MAX_CHUNK))
-        # write-blocking needs each copy on the target before the next guest write to
-        # it can start (copy_lock): no write-behind there
-        self.writer = (WriteBehind(min(self.buf_size, MAX_CHUNK))
-                       if self.copy_mode == "background" else None)
-        try:
-            self._copy_loop(size)
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-
-    def _copy_loop(self, size: int) -> None:
         cursor = 0
         while True:
             self.pause_point()
@@ -183,8 +170,6 @@ class MirrorJob(Job):
                 cursor, copied = self._iteration(cursor, size)
                 self.ratelimit(copied)
                 continue
-            if self._drain_writes():
-                continue                # a write behind failed: its range is dirty again
             if not self.ready:
                 self.set_ready()
             if self.completing or self.soft_cancelled:
@@ -241,16 +226,11 @@ class MirrorJob(Job):
         while pos < end:
             with self.copy_lock:        # one piece: no synchronous guest write between
                 n, error = self._copy_piece(pos, end - pos)
-            pos += n
             if error is None:
+                pos += n
                 continue
             is_read, e = error
             policy = self.on_source_error if is_read else self.on_target_error
-            if n:
-                # this piece is on its way; an earlier write behind failed, and its
-                # range is dirty again: only the policy remains
-                self.handle_io_error(policy, is_read, e)
-                continue
             if self.handle_io_error(policy, is_read, e):
                 continue                # stopped and resumed: retry
             self.dirty.set_dirty(pos, end - pos)       # ignored: copy again later
@@ -258,24 +238,15 @@ class MirrorJob(Job):
         return length
 
     def _copy_piece(self, pos: int, length: int):
-        """Copy the first extent of [pos, pos+length): (bytes, None); (0, (is_read,
-        error)) for an I/O error; (bytes, (False, error)) when the piece was submitted
-        but the previous write behind failed (its range is then dirty again)."""
-        writer = self.writer
+        """Copy the first extent of [pos, pos+length): (bytes, None) or (0, (is_read,
+        error)) for an I/O error."""
         try:
             flags, n = self.extents.status(pos, length)
             n = max(1, n)
             zero = bool(flags & BLOCK_ZERO)
-            buf = None if zero else (writer.buffer if writer else self.buffer).read(
-                self.source, pos, n)
+            buf = None if zero else self.buffer.read(self.source, pos, n)
         except BlockError as e:
             return 0, (True, e)
-        if writer is not None and not zero:
-            failed = writer.submit(lambda: self.target.pwrite(pos, buf), (pos, n))
-            if failed is None:
-                return n, None
-            self._write_behind_failed(failed[0])
-            return n, (False, failed[1])
         try:
             if zero:
                 self.target.pwrite_zeroes(pos, n, may_unmap=self.unmap)
@@ -284,22 +255,6 @@ class MirrorJob(Job):
         except BlockError as e:
             return 0, (False, e)
         return n, None
-
-    def _drain_writes(self) -> bool:
-        """Wait for the write behind in flight; True if it failed (its range is dirty
-        again, the error policy applied)."""
-        failed = self.writer.wait() if self.writer is not None else None
-        if failed is None:
-            return False
-        self._write_behind_failed(failed[0])
-        self.handle_io_error(self.on_target_error, False, failed[1])
-        return True
-
-    def _write_behind_failed(self, piece: tuple[int, int]) -> None:
-        """The piece is to copy again, and its bytes (counted as done when it was
-        submitted) are not done after all."""
-        self.dirty.set_dirty(*piece)
-        self.progress(-piece[1])
 
     # ---- write-blocking: guest writes mirrored synchronously -----------------------------
     def _writes_to_target(self) -> bool:
