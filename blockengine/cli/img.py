@@ -30,7 +30,6 @@ from .output import (MAP_HUMAN_HEADER, Progress, image_check_human, image_info_h
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512          # BDRV_SECTOR_SIZE (convert.SECTOR; convert loads on first use)
-UNSUPPORTED: tuple[str, ...] = ()
 
 
 def version_text() -> str:
@@ -810,8 +809,6 @@ def main(args: list[str], prog: str = "qemu-img") -> int:
     name = rest[0]
     if name in COMMANDS:
         return COMMANDS[name](rest)
-    if name in UNSUPPORTED:
-        raise report.fail("Command '%s' is not yet supported by blockengine" % name)
     raise report.UsageError("Command not found: %s" % name)
 
 
