@@ -27,7 +27,12 @@ POLL_S = 0.05            # how often the progress line is refreshed while the jo
 
 
 class CommitError(Exception):
-    """The commit failed; the message is printed after the progress line ends."""
+    """The commit failed; the message (and QEMU's hint lines) are printed after the
+    progress line ends."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def cmd_commit(argv: list[str]) -> int:
@@ -65,18 +70,18 @@ def cmd_commit(argv: list[str]) -> int:
                        source_cache=False)
     bar = Progress(progress, 1.0)
     bar.print(0, 100)
-    error = None
+    error: CommitError | None = None
     try:
         # opened RDWR without BDRV_O_RESIZE: the job resizes a smaller base itself
         img.backend.set_perm(Perm.CONSISTENT_READ | Perm.WRITE, img.backend.shared)
         _commit(img, filename, base, rate_limit, drop, bar)
     except CommitError as e:
-        error = str(e)
+        error = e
     finally:
         bar.end()
         img.close()
     if error is not None:
-        raise report.fail(error)
+        raise report.fail(str(error), hint=error.hint)
     report.qprint(quiet, "Image committed.\n")
     return 0
 
@@ -97,7 +102,7 @@ def _commit(img, filename: str, base: str | None, rate_limit: int, drop: bool,
     try:
         job = ActiveCommitJob(img.graph, JOB_ID, top, base_node, speed=rate_limit)
     except BlockError as e:
-        raise CommitError(str(e)) from e
+        raise CommitError(str(e), e.hint) from e
     job.start()
     _run_block_job(job, bar)
     if not drop:

@@ -33,7 +33,11 @@ SECTOR = 512
 
 
 class RebaseError(Exception):
-    """The rebase stops here; the message is printed by the caller."""
+    """The rebase stops here; the message (and QEMU's hint lines) printed by the caller."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def cmd_rebase(argv: list[str]) -> int:
@@ -91,7 +95,7 @@ def cmd_rebase(argv: list[str]) -> int:
                                                   backends, images)
                 _copy_differences(img, node, filename, old, new, prefix, bar)
         except RebaseError as e:
-            raise report.fail(str(e))
+            raise report.fail(str(e), hint=e.hint)
         failed = _change_backing_file(node, out_baseimg, out_basefmt)
         bar.print(100, 0)
         if failed:
@@ -136,7 +140,7 @@ def _open_backings(session, img, node, out_baseimg, out_basefmt, src_cache, forc
                                no_flush=no_flush, graph=graph)
             except BlockError as e:
                 raise RebaseError("Could not open new backing file '%s': %s"
-                                  % (out_baseimg, e)) from e
+                                  % (out_baseimg, e), e.hint) from e
             images.append(opened)
             new = opened.backend
     return old, new, prefix
@@ -148,7 +152,7 @@ def _reader(graph, node, backends, context: str) -> BlockBackend:
     try:
         blk.insert(node)
     except BlockError as e:
-        raise RebaseError(context + str(e)) from e
+        raise RebaseError(context + str(e), e.hint) from e
     backends.append(blk)
     return blk
 

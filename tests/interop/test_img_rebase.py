@@ -70,6 +70,8 @@ ERRORS = [
     ["--bogus", "top.qcow2"],
     ["-f", "raw", "-b", "", "top.qcow2"],
     ["--image-opts", "-f", "qcow2", "-b", "", "top.qcow2"],
+    ["-b", "top.qcow2", "-F", "qcow2", "top.qcow2"],   # its own write lock, with the hint
+    ["-p", "-b", "mid.qcow2", "-F", "qcow2", "sub/t.qcow2"],
 ]
 
 
