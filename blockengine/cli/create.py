@@ -11,13 +11,10 @@ callback and calls ``DriverClass.create(filename, size, options)``; it raises
 """
 from __future__ import annotations
 
-import os
-
+from ..drivers.protocol.file import check_create_locks
 from ..errors import BlockError, InvalidArgument
 from ..graph import registry
-from ..graph.backend import BlockBackend
-from ..graph.graph import Graph, abspath_like_qemu
-from ..graph.perms import Perm
+from ..graph.graph import abspath_like_qemu
 from ..image import Image
 from .opts import OPT_BOOL, OPT_NUMBER, OPT_SIZE, OPT_STRING, OptDesc, OptsSet, print_help
 
@@ -97,24 +94,6 @@ def option_help(fmt: str, filename: str | None) -> str:
             "\nThe protocol level may support further options.\n"
             "Specify the target filename to include those options.\n")
     return print_help(descs, "Supported options:")
-
-
-def check_create_locks(filename: str) -> None:
-    """raw_co_create()'s lock check: refuse to re-create a file another user holds."""
-    if not os.path.isfile(filename):
-        return
-    graph = Graph()
-    try:
-        node = graph.open_node({"driver": PROTOCOL, "filename": filename})
-    except BlockError:
-        return                     # creation itself will report the problem
-    backend = BlockBackend(graph, perm=Perm.WRITE | Perm.RESIZE,
-                           shared=Perm.all() & ~Perm.RESIZE)
-    try:
-        backend.insert(node)            # LockError if another user conflicts
-    finally:
-        backend.delete()
-        graph.close_all()
 
 
 def img_create(filename: str, fmt: str, *, options: str | None = None,

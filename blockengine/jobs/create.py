@@ -17,11 +17,10 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from ..cli.create import check_create_locks
 from ..drivers.format.luks import driver as luks
 from ..drivers.format.qcow2 import create as qcow2
 from ..drivers.format.vmdk import create as vmdk
-from ..drivers.protocol.file import FileDriver
+from ..drivers.protocol.file import FileDriver, check_create_locks
 from ..errors import InvalidArgument
 from ..graph.backend import BlockBackend
 from ..graph.perms import Perm

@@ -55,6 +55,26 @@ def _lock(fd: int, cmd: int, lock_type: int, byte: int) -> int:
     return _FLOCK.unpack(out)[0]
 
 
+def check_create_locks(filename: str) -> None:
+    """raw_co_create()'s lock check: refuse to re-create a file another user holds."""
+    from ...graph.backend import BlockBackend   # the graph imports the drivers
+    from ...graph.graph import Graph
+    if not os.path.isfile(filename):
+        return
+    graph = Graph()
+    try:
+        node = graph.open_node({"driver": "file", "filename": filename})
+    except BlockError:
+        return                     # creation itself will report the problem
+    backend = BlockBackend(graph, perm=Perm.WRITE | Perm.RESIZE,
+                           shared=Perm.all() & ~Perm.RESIZE)
+    try:
+        backend.insert(node)            # LockError if another user conflicts
+    finally:
+        backend.delete()
+        graph.close_all()
+
+
 class FileDriver(BlockDriver):
     info = DriverInfo("file", DriverKind.PROTOCOL,
                       create_opts=("size", "nocow", "preallocation", "extent_size_hint"))
