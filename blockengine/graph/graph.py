@@ -184,6 +184,7 @@ class Graph:
             node = self.open_node(opts, inherit=inherit)
         except BaseException:
             if probed and protocol.node_name in self.nodes and not protocol.parents:
+                protocol.monitor_owned = True      # opened just above: ours to delete
                 self.delete_node(protocol)
             raise
         return node

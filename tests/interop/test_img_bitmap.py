@@ -208,6 +208,7 @@ ERRORS = [
     ["--merge", "s0", "-b", "big.qcow2", "img.qcow2", "b0"],
     ["--merge", "s0", "-b", "src.qcow2", "-F", "raw", "img.qcow2", "b0"],
     ["--merge", "s0", "-b", "nonexist.qcow2", "img.qcow2", "b0"],
+    ["--merge", "b0", "-b", "img.qcow2", "img.qcow2", "b1"],
     ["--add", "v2.qcow2", "b"], ["--add", "-f", "raw", "img.qcow2", "b"],
     ["--add", "-f", "raw", "disk.raw", "b"], ["--add", "nonexist.qcow2", "b"],
     ["--add", "--image-opts", "-f", "qcow2", "img.qcow2", "b"],
