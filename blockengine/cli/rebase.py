@@ -24,7 +24,7 @@ from ..image import Image
 from . import report
 from .chain import find_backing_image, has_protocol
 from .common import DEFAULT_CACHE, Session, parse_cache
-from .img import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, parse_args
+from .img import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, _strerror, parse_args
 from .io_commands import is_allocated
 from .output import Progress
 
@@ -78,8 +78,7 @@ def cmd_rebase(argv: list[str]) -> int:
     bar = Progress(progress, 2.0)
     bar.print(0, 100)
     img = None
-    backends: list = []       # the old and new backing chains' readers
-    images: list = []         # a new backing file opened on its own
+    chains = BackingChains()
     try:
         parse_cache(cache)
         parse_cache(src_cache, source=True)
@@ -90,10 +89,9 @@ def cmd_rebase(argv: list[str]) -> int:
         node = img.node.skip_filters()
         try:
             if not unsafe:
-                old, new, prefix = _open_backings(session, img, node, out_baseimg,
-                                                  out_basefmt, src_cache, force_share,
-                                                  backends, images)
-                _copy_differences(img, node, filename, old, new, prefix, bar)
+                chains.open(session, img, node, out_baseimg, out_basefmt, src_cache,
+                            force_share)
+                _copy_differences(img, node, chains, bar)
         except RebaseError as e:
             raise report.fail(str(e), hint=e.hint)
         failed = _change_backing_file(node, out_baseimg, out_basefmt)
@@ -102,63 +100,73 @@ def cmd_rebase(argv: list[str]) -> int:
             raise report.Exit(1)
     finally:
         bar.end()
-        for blk in backends:
-            blk.delete()
-        for opened in images + ([img] if img is not None else []):
-            opened.close()
+        chains.close()
+        if img is not None:
+            img.close()
     return 0
 
 
-def _open_backings(session, img, node, out_baseimg, out_basefmt, src_cache, force_share,
-                   backends, images):
-    """Readers of the old and new backing chains (None: no backing file), and the new
-    backing node if it is already in the old chain.  Opened backends and images are
-    appended to ``backends``/``images`` for the caller to close."""
-    old = new = prefix = None
-    old_bs = node.backing
-    if old_bs is not None:
-        old = _reader(img.graph, old_bs, backends, "Could not reuse old backing file "
-                      "'%s': " % old_bs.filename())
-    if out_baseimg:
+class BackingChains:
+    """Read access to the image's old and new backing chains (QEMU's blk_old_backing and
+    blk_new_backing), None where there is no backing file; ``prefix`` is the new
+    backing node when it is already in the old chain (bdrv_find_backing_image)."""
+
+    def __init__(self):
+        self.old = self.new = self.prefix = None
+        self._backends: list[BlockBackend] = []
+        self._image: Image | None = None      # a new backing file opened on its own
+
+    def open(self, session, img, node, out_baseimg, out_basefmt, src_cache,
+             force_share) -> None:
+        old_bs = node.backing
+        if old_bs is not None:
+            self.old = self._reader(img.graph, old_bs, "Could not reuse old backing file "
+                                    "'%s': " % old_bs.filename())
+        if not out_baseimg:
+            return
         overlay = node.filename()
         if not has_protocol(out_baseimg) and not out_baseimg.startswith("/") and (
                 not overlay or overlay.startswith("json:")):
             raise RebaseError("Could not resolve backing filename: Cannot use relative "
                               "backing file names for '%s'" % overlay)
         real_path = abspath_like_qemu(overlay, out_baseimg)
-        prefix = find_backing_image(img.node, real_path)
-        if prefix is not None:
-            new = _reader(img.graph, prefix, backends,
-                          "Could not reuse backing file '%s': " % out_baseimg)
-        else:
-            direct, no_flush = parse_cache(src_cache, source=True)
-            graph = Graph()
-            graph.secrets = session.secrets
-            try:
-                opened = Image(real_path, out_basefmt, read_only=True,
-                               force_share=force_share, cache_direct=direct,
-                               no_flush=no_flush, graph=graph)
-            except BlockError as e:
-                raise RebaseError("Could not open new backing file '%s': %s"
-                                  % (out_baseimg, e), e.hint) from e
-            images.append(opened)
-            new = opened.backend
-    return old, new, prefix
+        self.prefix = find_backing_image(img.node, real_path)
+        if self.prefix is not None:
+            self.new = self._reader(img.graph, self.prefix,
+                                    "Could not reuse backing file '%s': " % out_baseimg)
+            return
+        direct, no_flush = parse_cache(src_cache, source=True)
+        graph = Graph()
+        graph.secrets = session.secrets
+        try:
+            self._image = Image(real_path, out_basefmt, read_only=True,
+                                force_share=force_share, cache_direct=direct,
+                                no_flush=no_flush, graph=graph)
+        except BlockError as e:
+            raise RebaseError("Could not open new backing file '%s': %s"
+                              % (out_baseimg, e), e.hint) from e
+        self.new = self._image.backend
+
+    def _reader(self, graph, node, context: str) -> BlockBackend:
+        """blk_new(CONSISTENT_READ, ALL) + blk_insert_bs()."""
+        blk = BlockBackend(graph, perm=Perm.CONSISTENT_READ, shared=ALL_SHARED)
+        try:
+            blk.insert(node)
+        except BlockError as e:
+            raise RebaseError(context + str(e), e.hint) from e
+        self._backends.append(blk)
+        return blk
+
+    def close(self) -> None:
+        for blk in self._backends:
+            blk.delete()
+        if self._image is not None:
+            self._image.close()
 
 
-def _reader(graph, node, backends, context: str) -> BlockBackend:
-    """blk_new(CONSISTENT_READ, ALL) + blk_insert_bs(): read access to a chain node."""
-    blk = BlockBackend(graph, perm=Perm.CONSISTENT_READ, shared=ALL_SHARED)
-    try:
-        blk.insert(node)
-    except BlockError as e:
-        raise RebaseError(context + str(e), e.hint) from e
-    backends.append(blk)
-    return blk
-
-
-def _copy_differences(img, node, filename, old, new, prefix, bar) -> None:
+def _copy_differences(img, node, chains: BackingChains, bar) -> None:
     """The safe-mode loop of img_rebase, chunk by chunk as QEMU walks the image."""
+    old, new, prefix = chains.old, chains.new, chains.prefix
     size = img.size
     old_size = old.root_node.total_size if old is not None else 0
     new_size = new.root_node.total_size if new is not None else 0
@@ -261,7 +269,3 @@ def _change_backing_file(node, backing_file: str | None, backing_fmt: str | None
         report.error("Could not change the backing file to '%s': %s"
                      % (shown, os.strerror(code)))
     return True
-
-
-def _strerror(e: BlockError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
