@@ -131,6 +131,10 @@ def test_stream_inserts_filter_like_qsd(both, qcow2_ok, filter_name):
         "Node 'top' is busy: block device is in use by block job: stream"
     if filter_name:
         assert both.cmd("blockdev-del", **{"node-name": "cor0"}) == "Node cor0 is in use"
+    assert both.cmd("block_resize", size=8 << 20, **{"node-name": "top"}) == \
+        "Device '(null)' is in use"
+    assert both.cmd("block_resize", size=8 << 20, **{"node-name": "mid"}) == \
+        "Device '(null)' is in use"
     both.cmd("block-job-set-speed", device="s", speed=0)
     both.wait("BLOCK_JOB_COMPLETED")
     q_ev, b_ev = both.events()

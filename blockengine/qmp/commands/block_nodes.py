@@ -28,6 +28,8 @@ def block_resize(ctx, args: dict):
     size = args["size"]
     if size < 0:
         raise InvalidArgument("Parameter 'size' expects a >0 size")
+    if node.op_blockers:        # a job's node; QEMU prints the NULL device as "(null)"
+        raise BlockError("Device '%s' is in use" % (args.get("device") or "(null)"))
     # a temporary user that only needs to resize, as qmp_block_resize()'s blk
     blk = BlockBackend(ctx.graph, perm=Perm.RESIZE, shared=ALL_SHARED)
     blk.insert(node)
