@@ -125,3 +125,27 @@ def test_rebase_vmdk_cannot_change_backing(run_both, args):
     both.assert_same()
     assert both.ref.returncode == 1
     assert_same_content(both.ref_dir, both.our_dir, "vtop.vmdk")
+
+
+def _make_multi_chunk_chain(d):
+    """9 MiB over 7 MiB: several of qemu-img's 2 MiB chunks, the last one partial."""
+    for args in (["create", "-q", "-f", "qcow2", "b.qcow2", "7M"],
+                 ["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+                  "9M"]):
+        subprocess.run(["qemu-img"] + args, cwd=d, check=True)
+    for name, cmds in (("b.qcow2", ["write -P 1 0 3M", "write -P 2 5M 1M"]),
+                       ("t.qcow2", ["write -P 3 1M 64k", "write -P 4 4M 2M"])):
+        argv = ["qemu-io", "-f", "qcow2"]
+        for c in cmds:
+            argv += ["-c", c]
+        subprocess.run(argv + [name], cwd=d, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("args", [["-p", "-b", "", "t.qcow2"],
+                                  ["-p", "-u", "-b", "", "t.qcow2"]], ids=" ".join)
+def test_rebase_progress_over_several_chunks(run_both, args):
+    """The -p line steps by 100 / (size / 2 MiB) per chunk handled, as QEMU's does."""
+    both = run_both(["rebase"] + args, _make_multi_chunk_chain)
+    both.assert_same()
+    assert both.ours.stdout.count(b"\r") == (2 if "-u" in args else 7)
+    assert (both.our_dir / "t.qcow2").read_bytes() == (both.ref_dir / "t.qcow2").read_bytes()
