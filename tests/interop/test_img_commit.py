@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -121,3 +122,26 @@ def test_commit_vmdk(run_both, args):
     check = subprocess.run(["qemu-img", "check", str(both.our_dir / "vbase.vmdk")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_commit_base_in_use_by_another_process(run_both):
+    """Another process reading the base (qemu-io -r, which shares no writes): the job
+    cannot take the base for writing, and both tools say so with the lock hint."""
+    holders = []
+
+    def prepare(d):
+        make_chains(d)
+        holders.append(subprocess.Popen(["qemu-io", "-r", "-c", "sleep 60000", "mid.qcow2"],
+                                        cwd=d, stdout=subprocess.DEVNULL))
+        time.sleep(1)          # the holder has the image open and locked
+
+    try:
+        both = run_both(["commit", "top.qcow2"], prepare)
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait()
+    both.assert_same()
+    assert both.ref.returncode == 1 and b"lock" in both.ref.stderr
+    for name in ("mid.qcow2", "top.qcow2"):
+        assert (both.our_dir / name).read_bytes() == (both.ref_dir / name).read_bytes()
