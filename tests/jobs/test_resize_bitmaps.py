@@ -56,11 +56,15 @@ def qemu_bitmap_view(path, names=("b0", "b1")):
             time.sleep(0.02)
         view = {}
         for n in names:
-            r = subprocess.run([require_tool("qemu-img"), "map", "--output=json",
-                                "--image-opts",
-                                "driver=nbd,server.type=unix,server.path=%s,export=n,"
-                                "x-dirty-bitmap=qemu:dirty-bitmap:%s" % (sock, n)],
-                               capture_output=True, text=True, check=True)
+            argv = [require_tool("qemu-img"), "map", "--output=json", "--image-opts",
+                    "driver=nbd,server.type=unix,server.path=%s,export=n,"
+                    "x-dirty-bitmap=qemu:dirty-bitmap:%s" % (sock, n)]
+            while True:     # the socket file exists a moment before the server listens
+                r = subprocess.run(argv, capture_output=True, text=True)
+                if r.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert r.returncode == 0, r.stderr
             view[n] = [(e["start"], e["length"]) for e in json.loads(r.stdout)
                        if not e["data"]]
         return view
