@@ -66,6 +66,9 @@ HOSTILE = {
     # check -r all grows the file to 2 TiB to hold this refcount block, as qemu-img
     # does (sparse): the refcounts of 2^29 clusters are then compared
     "refblock_2tib_away": [("reftable", 16, ">Q", 1 << 41)],
+    # the header read as refcount table: refblocks at absurd offsets, one per entry;
+    # every cluster they cover is reported (as qemu-img does), not looked up one by one
+    "reftable_on_header": [(48, ">Q", 0), (56, ">I", 165)],
 }
 HOSTILE_SECONDS = 5.0
 

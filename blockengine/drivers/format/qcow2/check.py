@@ -31,7 +31,7 @@ import struct
 import sys
 from itertools import compress
 
-from ....errors import BlockError
+from ....errors import BlockError, CorruptImage
 from .layout import (CL_COMPRESSED, CL_NORMAL, CL_UNALLOCATED, CL_ZERO_ALLOC,
                      L1E_OFFSET_MASK, L1E_RESERVED_MASK, L1E_SIZE, L2E_OFFSET_MASK,
                      L2E_STD_RESERVED_MASK, OFS_REFCOUNT_TABLE_OFFSET, QCOW2_DISCARD_ALWAYS,
@@ -158,6 +158,15 @@ class Checker:
         self.msgs.append(text)
         if getattr(self.s, "print_check_messages", True):
             sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def msg_lines(self, lines: list[str]) -> None:
+        """msg() of many lines with one write."""
+        if not lines:
+            return
+        self.msgs.extend(lines)
+        if getattr(self.s, "print_check_messages", True):
+            sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()
 
     # ---- qcow2_inc_refcounts_imrt ---------------------------------------------------
@@ -508,14 +517,30 @@ class Checker:
             computed = N.refcount_get_range(imrt.buf, imrt.order, i, k)
             stored = self._stored_range(ti, i & (rbs - 1), k)
             if stored is None:
-                # the refblock offset is invalid: every lookup fails (QEMU's per-cluster loop)
+                # the refblock offset is invalid: every lookup fails (QEMU's per-cluster
+                # loop).  Once the image is marked corrupt, every other lookup in this
+                # block fails the same way without a word: those are not repeated one
+                # by one (a block covers thousands of clusters of a huge image)
                 for j in range(k):
                     try:
                         s.get_refcount(i + j)
+                        continue
                     except BlockError as e:
-                        self.msg("Can't get refcount for cluster %d: %s"
-                                 % (i + j, os.strerror(e.errno or errno.EIO)))
-                        res["check-errors"] += 1
+                        err = e
+                    code = err.errno or errno.EIO
+                    if code == errno.EINVAL and s.refcount_table[ti] & REFT_OFFSET_MASK > \
+                            INT64_MAX - s.cluster_size:
+                        # a refblock past INT64_MAX: QEMU's bdrv_pread() fails with EIO
+                        # (bdrv_check_qiov_request), blockengine's request check EINVAL
+                        code = errno.EIO
+                    text = os.strerror(code)
+                    if isinstance(err, CorruptImage) and s.signaled_corruption:
+                        self.msg_lines(["Can't get refcount for cluster %d: %s" % (c, text)
+                                        for c in range(i + j, i + k)])
+                        res["check-errors"] += k - j
+                        break
+                    self.msg("Can't get refcount for cluster %d: %s" % (i + j, text))
+                    res["check-errors"] += 1
                 i += k
                 continue
             if stored == computed:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from itertools import compress
 
 from ....errors import BlockError, InvalidImage, NotSupported
-from .layout import (BE64, L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK, CL_COMPRESSED,
+from .layout import (L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK, CL_COMPRESSED,
                      CL_NORMAL, CL_ZERO_ALLOC, QCOW2_DISCARD_ALWAYS, QCOW2_DISCARD_SNAPSHOT,
                      QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS,
                      QCOW_OFLAG_COPIED, SNAPSHOT_EXTRA, SNAPSHOT_HEADER)
