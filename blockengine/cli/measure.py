@@ -45,6 +45,7 @@ LUKS_CIPHER_ALGS = ("aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128",
 LUKS_ENUMS = (("cipher-alg", LUKS_CIPHER_ALGS), ("cipher-mode", C.CIPHER_MODES),
               ("ivgen-alg", C.IVGEN_ALGS), ("ivgen-hash-alg", C.HASH_ALGS),
               ("hash-alg", C.HASH_ALGS))
+EIGHT_BYTE_BLOCK_CIPHERS = ("des", "3des", "cast5-128")
 SNAPSHOT_OPT_BASE = "snapshot."
 LONGOPTS = [LongOpt(*spec) for spec in (
     ("help", NO_ARG, "h"), IMAGE_OPTS, OBJECT, OUTPUT, ("size", REQUIRED_ARG, "size"),
@@ -217,6 +218,8 @@ def luks_header_size(values: dict, secrets, prefix: str = "") -> int:
         raise InvalidArgument("Algorithm '%s' not supported" % cipher_alg) from None
     if values.get("ivgen-alg") == "essiv":
         C.essiv_cipher(cipher_alg, values.get("ivgen-hash-alg", "sha256"))
+    if cipher_mode == "xts" and cipher_alg in EIGHT_BYTE_BLOCK_CIPHERS:
+        raise InvalidArgument("Unsupported cipher mode xts")     # XTS needs 16-byte blocks
     key_bytes = C.CIPHER_KEY_LEN[cipher_alg] * (2 if cipher_mode == "xts" else 1)
     slot_sectors = LUKS.splitkey_sectors(key_bytes, LUKS.STRIPES)
     return (LUKS.HEADER_SECTORS + LUKS.NUM_KEY_SLOTS * slot_sectors) * SECTOR
