@@ -138,3 +138,28 @@ def assert_same_content(ref_dir: Path, our_dir: Path, name: str) -> None:
     same = subprocess.run(["qemu-img", "compare", "-U", str(ref_dir / name),
                            str(our_dir / name)], capture_output=True, text=True)
     assert same.returncode == 0, (name, same.stdout, same.stderr)
+
+
+SECRET = ["--object", "secret,id=s0,data=pw"]
+ENCRYPTED_TOP = "driver=qcow2,encrypt.key-secret=s0,file.filename=et.qcow2"
+
+
+def make_encrypted_chain(d: Path) -> None:
+    """eb.qcow2 (plain, P1 @0 256k) <- et.qcow2 (LUKS-encrypted, P2 @64k 64k), opened
+    as ENCRYPTED_TOP with the SECRET object."""
+    _run("qemu-img", "create", "-q", "-f", "qcow2", "eb.qcow2", "1M", cwd=d)
+    _run("qemu-io", "-c", "write -P 1 0 256k", "eb.qcow2", cwd=d)
+    for _ in range(10):
+        # QEMU 7.2's PBKDF2 benchmark sometimes fails ("Unable to get accurate CPU
+        # usage", a 0 ms CPU-time sample): retry that, as test_luks_interop does
+        res = subprocess.run(["qemu-img", "create", "-q", *SECRET, "-f", "qcow2", "-o",
+                              "encrypt.format=luks,encrypt.key-secret=s0", "-b", "eb.qcow2",
+                              "-F", "qcow2", "et.qcow2"], cwd=d, capture_output=True,
+                             text=True)
+        if res.returncode == 0:
+            break
+        assert "Unable to get accurate CPU usage" in res.stderr, res.stderr
+    else:
+        raise AssertionError("qemu-img create kept failing")
+    _run("qemu-io", *SECRET, "--image-opts", "-c", "write -P 2 64k 64k", ENCRYPTED_TOP,
+         cwd=d)

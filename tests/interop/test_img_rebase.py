@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from tests.interop.backing_chains import (QCOW2_IMAGES, assert_same_content,
-                                          assert_same_images, make_chains,
+from tests.interop.backing_chains import (ENCRYPTED_TOP, QCOW2_IMAGES, SECRET,
+                                          assert_same_content, assert_same_images,
+                                          make_chains, make_encrypted_chain,
                                           make_vmdk_chain)
 
 pytestmark = pytest.mark.interop
@@ -149,3 +150,15 @@ def test_rebase_progress_over_several_chunks(run_both, args):
     both.assert_same()
     assert both.ours.stdout.count(b"\r") == (2 if "-u" in args else 7)
     assert (both.our_dir / "t.qcow2").read_bytes() == (both.ref_dir / "t.qcow2").read_bytes()
+
+
+def test_rebase_encrypted_image(run_both):
+    both = run_both(["rebase", *SECRET, "--image-opts", "-b", "", ENCRYPTED_TOP],
+                    make_encrypted_chain)
+    both.assert_same()
+    assert both.ref.returncode == 0, both.ref.stderr
+    res = subprocess.run(["qemu-img", "compare", *SECRET, "--image-opts",
+                          ENCRYPTED_TOP.replace("et.qcow2", str(both.ref_dir / "et.qcow2")),
+                          ENCRYPTED_TOP.replace("et.qcow2", str(both.our_dir / "et.qcow2"))],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
