@@ -12,7 +12,7 @@ from ..errors import BlockError
 from ..qmp.commands import bitmaps as qmp_bitmaps
 from . import report
 from .common import Session
-from .img import HELP, IMAGE_OPTS, OBJECT, _cvtnum, parse_args
+from .img import HELP, IMAGE_OPTS, OBJECT, _cvtnum, getopt
 from .getopt import NO_ARG, REQUIRED_ARG
 
 ACTIONS = ("add", "remove", "clear", "enable", "disable", "merge")
@@ -42,9 +42,13 @@ def cmd_bitmap(argv: list[str]) -> int:
     image_opts = False
     granularity = 0
     actions: list[tuple[str, str | None]] = []
-    opts, operands = parse_args(argv, ":b:f:F:g:h", LONGOPTS, session)
-    for key, arg in opts:
-        if key == "b":
+    # option values are checked as they come, before later options are looked at
+    for key, arg in getopt(argv, ":b:f:F:g:h", LONGOPTS):
+        if key is None:
+            operands = arg
+        elif key == "object":
+            session.add_object(arg)
+        elif key == "b":
             src_filename = arg
         elif key == "f":
             fmt = arg

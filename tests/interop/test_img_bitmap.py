@@ -214,6 +214,7 @@ ERRORS = [
     ["--add", "--image-opts", "-f", "qcow2", "img.qcow2", "b"],
     ["--foo", "img.qcow2", "b"], ["--merge"], ["-b"], ["--add", "-x", "img.qcow2", "b"],
     ["--object", "secret,id=s", "--add", "img.qcow2", "b"],
+    ["-g", "x", "--foo", "img.qcow2", "b"], ["-g", "1k", "--object", "bogus", "img.qcow2", "b"],
 ]
 
 
