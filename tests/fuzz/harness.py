@@ -66,7 +66,9 @@ def interesting_offsets(data: bytes) -> list[int]:
 def apply_mutations(data: bytes, muts) -> bytes:
     b = bytearray(data)
     for off, kind, val in muts:
-        off %= max(1, len(b))
+        if not b:
+            break           # truncated to nothing: no byte left to mutate
+        off %= len(b)
         if kind == "byte":
             b[off] = val & 0xFF
         elif kind == "u32":
