@@ -106,6 +106,12 @@ class BlockDriver:
         return None
 
     # ---- life cycle -------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str) -> dict:
+        """bdrv_parse_filename(): the options a plain filename gives a protocol driver
+        opened with it (``qemu-img -f file x``)."""
+        return {"filename": filename}
+
     def open(self, options: dict) -> None:
         """Open using the driver's own options (children are already attached)."""
 

@@ -12,6 +12,7 @@ import errno
 import os
 import threading
 
+from ..drivers.base import DriverKind
 from ..io.throttle import ThrottleGroups
 from ..errors import BlockError, InvalidArgument, PermissionConflict, prefixed
 from .child import BdrvChild, ChildRole
@@ -151,7 +152,9 @@ class Graph:
                    no_flush: bool = False, no_io: bool = False) -> BlockNode:
         """Open a file as qemu-img does: probe the format unless given, file protocol."""
         options = dict(options or {})
-        file_opts = options.pop("file", None) or {"driver": "file", "filename": filename}
+        # raw_parse_filename(): the file protocol's "file:" prefix
+        path = filename[5:] if filename.startswith("file:") else filename
+        file_opts = options.pop("file", None) or {"driver": "file", "filename": path}
         if isinstance(file_opts, dict) and filename.startswith("json:"):
             raise InvalidArgument("json: filenames are not supported here")
         if fmt is None:
@@ -160,6 +163,14 @@ class Graph:
         inherit = {"read-only": read_only, "force-share": force_share, "x-no-io": no_io}
         if cache_direct or no_flush:
             inherit["cache"] = {"direct": cache_direct, "no-flush": no_flush}
+        if not probed and registry.has_driver(fmt) and \
+                registry.get_driver(fmt).info.kind is DriverKind.PROTOCOL:
+            # a protocol driver as the format (-f file): the image is that node itself
+            opts = {**registry.get_driver(fmt).parse_filename(path), **options,
+                    "driver": fmt, "read-only": read_only, "force-share": force_share}
+            if "cache" in inherit:
+                opts["cache"] = inherit["cache"]
+            return self.open_node(opts, inherit=inherit)
         if probed:
             protocol = self.open_node(dict(file_opts), inherit=inherit)
             try:

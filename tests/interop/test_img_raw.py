@@ -264,6 +264,19 @@ def test_every_qemu_img_command_exists(run_both, name):
     run_both([name]).assert_same()
 
 
+@pytest.mark.parametrize("args", [
+    ["info", "-f", "file", "data.raw"], ["info", "--output=json", "-f", "file", "odd.raw"],
+    ["map", "--output=json", "-f", "file", "data.raw"], ["check", "-f", "file", "data.raw"],
+    ["info", "file:data.raw"], ["map", "file:odd.raw"],
+    ["info", "-f", "null-co", "data.raw"], ["info", "-f", "null-co", "null-co://"],
+    ["info", "-f", "null-aio", "null-aio://"],
+])
+def test_protocol_as_format_and_prefix(run_both, args):
+    """-f with a protocol driver opens the file node itself; 'file:' is the file
+    protocol's prefix; null drivers take only their URL (bdrv_parse_filename)."""
+    run_both(args, make_images).assert_same()
+
+
 def test_blockengine_img_prefix():
     """As `blockengine img`, messages name blockengine (the program actually run)."""
     out = subprocess.run([sys.executable, "-m", "blockengine.cli", "img", "info"],

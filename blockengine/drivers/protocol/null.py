@@ -10,6 +10,13 @@ class NullCoDriver(BlockDriver):
     info = DriverInfo("null-co", DriverKind.PROTOCOL)
     thread_safe = True
 
+    @classmethod
+    def parse_filename(cls, filename: str) -> dict:
+        url = cls.info.name + "://"
+        if filename != url:
+            raise InvalidArgument("The only allowed filename for this driver is '%s'" % url)
+        return {}
+
     def open(self, options: dict) -> None:
         self.size = options.get("size", 1 << 30)
         self.latency_ns = options.get("latency-ns", 0)
