@@ -77,9 +77,6 @@ def check_cipher(alg: str, mode: str) -> None:
     if alg not in SUPPORTED_CIPHERS:
         raise NotSupported("Cipher algorithm '%s' is not supported by blockengine "
                            "(supported: %s)" % (alg, ", ".join(SUPPORTED_CIPHERS)))
-    if mode == "xts" and alg == "aes-192":
-        raise NotSupported("Cipher mode xts with aes-192 is not supported by blockengine "
-                           "(cryptography implements AES-XTS with 128/256-bit keys only)")
 
 
 def _algorithm(alg: str, key: bytes):
@@ -166,7 +163,9 @@ class SectorCipher:
         check_cipher(alg, mode)
         self.sector_size = sector_size
         self.mode = mode
-        self.algo = _algorithm(alg, key)
+        # OpenSSL has no AES-192-XTS: its two ECB passes are all the bulk engine needs
+        self._ecb_only = mode == "xts" and alg == "aes-192"
+        self.algo = None if self._ecb_only else _algorithm(alg, key)
         self.niv = 0 if mode == "ecb" else 16
         self.ivgen = IVGen(ivgen_alg, self.niv, key, ivgen_hash, alg) if self.niv else None
         self._modecls = {"cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(mode)
@@ -181,7 +180,11 @@ class SectorCipher:
             bulk_ops = _native if _native.BACKEND == "native" else None
         # OpenSSL refuses XTS encryption with equal key halves: the per-sector
         # engine keeps that error
-        if mode == "ecb" or sector_size % 16 or (mode == "xts" and key[:half] == key[half:]):
+        if self._ecb_only:
+            from .. import _native
+            bulk_ops = bulk_ops or _native.PYTHON        # the pure twins if need be
+        elif mode == "ecb" or sector_size % 16 or (mode == "xts"
+                                                   and key[:half] == key[half:]):
             bulk_ops = None
         self._ops = bulk_ops
 
@@ -230,6 +233,8 @@ class SectorCipher:
     def _per_sector(self, sector: int, data: memoryview, out: memoryview,
                     encrypt: bool) -> None:
         """One cryptography call per sector; out has 15 bytes of slack."""
+        if self._ecb_only:
+            raise NotSupported("AES-192-XTS works on whole sectors only")
         n, ss = len(data), self.sector_size
         ivs = self.ivgen.ivs(sector, -(-n // ss))
         algo, modecls, C = self.algo, self._modecls, Cipher
