@@ -8,12 +8,12 @@ same bytes, so the outputs compare byte for byte.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from tests.tooling import copy_sparse
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -559,6 +559,6 @@ def build(directory, name: str, base_cache: dict | None = None, tools=None) -> P
         if base_cache is not None:
             base_cache[key] = src
     dst = directory / ("%s.qcow2" % name)
-    shutil.copyfile(src, dst)
+    copy_sparse(src, dst)
     mutate(dst)
     return dst

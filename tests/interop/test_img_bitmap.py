@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
 
 from tests.jobs.qsd import QSD
-from tests.tooling import require_tool
+from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -62,7 +61,7 @@ def make_images(d):
     qimg(d, "bitmap", "--add", "big.qcow2", "s0")
     qimg(d, "create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "64M")
     qimg(d, "create", "-f", "raw", "disk.raw", "64M")
-    shutil.copy(d / "img.qcow2", d / "broken.qcow2")
+    copy_sparse(d / "img.qcow2", d / "broken.qcow2")
     _set_in_use(d / "broken.qcow2", b"b1")
     qimg(d, "create", "-f", "qcow2", "target.qcow2", "64M")
     qimg(d, "create", "-f", "qcow2", "target-big.qcow2", "65M")
@@ -96,7 +95,7 @@ def images(tmp_path_factory):
 
     def prepare(d):
         for f in master.iterdir():
-            shutil.copy(f, d / f.name)
+            copy_sparse(f, d / f.name)
     return prepare
 
 

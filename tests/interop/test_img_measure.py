@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 import subprocess
 
 import pytest
 
-from tests.tooling import require_tool
+from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -157,7 +156,7 @@ def sources(tmp_path_factory):
 
     def prepare(d):
         for f in master.iterdir():
-            shutil.copy(f, d / f.name)
+            copy_sparse(f, d / f.name)
     return prepare
 
 

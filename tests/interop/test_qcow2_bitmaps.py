@@ -12,7 +12,6 @@ qemu-storage-daemon as the reference).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -21,7 +20,7 @@ import blockengine
 from blockengine import bitmaps as B
 from blockengine.errors import BlockError
 from tests.jobs.qsd import QSD
-from tests.tooling import require_tool
+from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -208,7 +207,7 @@ def test_in_use_after_crash_is_inconsistent(tmp_path):
     crashed = tmp_path / "crashed.qcow2"
     img = blockengine.open(str(p), "qcow2")
     try:
-        shutil.copyfile(p, crashed)       # the image as a crash would leave it
+        copy_sparse(p, crashed)       # the image as a crash would leave it
     finally:
         img.close()
     assert [b["flags"][0] for b in image_bitmaps(crashed)] == ["in-use"] * 3

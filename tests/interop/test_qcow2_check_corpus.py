@@ -6,11 +6,11 @@ byte-identical, before and after repair; a repair must leave the same bytes on d
 """
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from tests.fuzz import qcow2_corpus as C
+from tests.tooling import copy_sparse
 
 pytestmark = pytest.mark.interop
 
@@ -30,13 +30,13 @@ def corpus(tmp_path_factory):
 def test_check_matches_qemu(run_both, corpus, name, mode):
     src = corpus[name]
     args = ["check"] + ([] if mode == "none" else ["-r", mode]) + ["img.qcow2"]
-    both = run_both(args, prepare=lambda d: shutil.copy(src, d / "img.qcow2"))
+    both = run_both(args, prepare=lambda d: copy_sparse(src, d / "img.qcow2"))
     both.assert_same()
     if mode != "none":
         assert (both.ref_dir / "img.qcow2").read_bytes() == \
             (both.our_dir / "img.qcow2").read_bytes()
         again = run_both(["check", "--output=json", "img.qcow2"],
-                         prepare=lambda d: shutil.copy(
+                         prepare=lambda d: copy_sparse(
                              (both.ref_dir if d.name.startswith("ref") else both.our_dir)
                              / "img.qcow2", d / "img.qcow2"))
         again.assert_same()

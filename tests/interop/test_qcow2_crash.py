@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 
 import pytest
 
 from blockengine.errors import BlockError
 from blockengine.graph.graph import Graph
-from tests.tooling import require_tool
+from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -142,11 +141,11 @@ def base(tmp_path):
 def test_every_crash_point(tmp_path, base, seed, mode, opts):
     src = base(**opts)
     ops = workload(seed)
-    total, _, _ = run(shutil.copy(src, tmp_path / "probe.qcow2"), ops)
+    total, _, _ = run(copy_sparse(src, tmp_path / "probe.qcow2"), ops)
     assert total > 0
     skip = discarded(ops)
     for n in range(1, total + 1):
-        img = shutil.copy(src, tmp_path / ("crash%d.qcow2" % n))
+        img = copy_sparse(src, tmp_path / ("crash%d.qcow2" % n))
         _, flushed, dirty = run(img, ops, crash_after=n, mode=mode, seed=seed * 1000 + n)
         qcheck(img)
         verify(img, flushed, dirty, skip)
@@ -160,10 +159,10 @@ def test_every_crash_point(tmp_path, base, seed, mode, opts):
 def test_lazy_refcounts_crash_repaired_on_open(tmp_path, base, seed, mode):
     src = base(cluster_size=4096, lazy_refcounts="on")
     ops = [op for op in workload(seed, 10) if op[0] != "discard"]
-    total, _, _ = run(shutil.copy(src, tmp_path / "probe.qcow2"), ops)
+    total, _, _ = run(copy_sparse(src, tmp_path / "probe.qcow2"), ops)
     repaired = 0
     for n in range(1, total + 1):
-        img = shutil.copy(src, tmp_path / ("lazy%d.qcow2" % n))
+        img = copy_sparse(src, tmp_path / ("lazy%d.qcow2" % n))
         _, flushed, dirty = run(img, ops, crash_after=n, mode=mode, seed=n)
         was_dirty = int.from_bytes(open(img, "rb").read(80)[72:80], "big") & 1
         # a writable open of a dirty image repairs it (qcow2_do_open's check -r all)

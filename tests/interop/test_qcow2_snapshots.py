@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 
@@ -25,7 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from blockengine.errors import BlockError
 from blockengine.graph.graph import Graph
 from tests.conftest import _run
-from tests.tooling import require_tool
+from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -189,7 +188,7 @@ def test_snapshot_cli_matches_qemu(tmp_path, image, be_img, seq, kind):
     ref_dir, our_dir = tmp_path / "ref", tmp_path / "ours"
     for d in (ref_dir, our_dir):
         d.mkdir()
-        shutil.copy(src, d / _OPERAND)
+        copy_sparse(src, d / _OPERAND)
     run_sequence(SEQUENCES[seq], ref_dir, our_dir, be_img)
 
 
@@ -311,7 +310,7 @@ def test_random_sequences_against_model(tmp_path, image, opts):
               suppress_health_check=list(HealthCheck))
     @given(OPS)
     def run(ops):
-        shutil.copy(src, path)
+        copy_sparse(src, path)
         active = [0] * NBLOCKS
         snaps: list[tuple[str, list[int]]] = []     # (name, contents)
         g, node = _open(path)
@@ -355,7 +354,7 @@ def test_random_sequences_against_model(tmp_path, image, opts):
         # every snapshot reads back through qemu-img's own apply
         for name, contents in snaps:
             copy = tmp_path / "apply.qcow2"
-            shutil.copy(path, copy)
+            copy_sparse(path, copy)
             subprocess.run(["qemu-img", "snapshot", "-a", name, str(copy)], check=True)
             g2 = Graph()
             n2 = g2.open_node({"driver": "qcow2", "read-only": True,
@@ -398,7 +397,7 @@ def _contents(path, snapshot=None) -> bytes:
     src = path
     if snapshot is not None:
         src = path.with_suffix(".applied")
-        shutil.copy(path, src)
+        copy_sparse(path, src)
         subprocess.run(["qemu-img", "snapshot", "-a", snapshot, str(src)], check=True,
                        capture_output=True)
     out = path.with_suffix(".raw")
@@ -420,10 +419,10 @@ def test_crash_at_every_write(tmp_path, image, op, mode):
     names = ["s1", "s2"]
     expected = {None: _contents(base), "s1": _contents(base, "s1"),
                 "s2": _contents(base, "s2")}
-    total = _crash_run(shutil.copy(base, tmp_path / "probe.qcow2"), op, -1, mode, 0)
+    total = _crash_run(copy_sparse(base, tmp_path / "probe.qcow2"), op, -1, mode, 0)
     assert total > 3
     for n in range(1, total + 1):
-        img = shutil.copy(base, tmp_path / ("crash%d.qcow2" % n))
+        img = copy_sparse(base, tmp_path / ("crash%d.qcow2" % n))
         _crash_run(img, op, n, mode, n)
         # QEMU's order leaves refcounts ahead of OFLAG_COPIED for a moment: create
         # raises them (flushed) before the flags are cleared, apply and delete drop

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import struct
 import subprocess
 
 import pytest
+from tests.tooling import copy_sparse
 
 pytestmark = pytest.mark.interop
 
@@ -65,7 +65,7 @@ def _cid(data: bytes, key=b"CID") -> bytes:
 
 @pytest.mark.parametrize("sub", SUBFORMATS)
 def test_qemu_images_read_identically(qemu_img, be_bindir, source, tmp_path, sub):
-    shutil.copy(source, tmp_path / "src.raw")
+    copy_sparse(source, tmp_path / "src.raw")
     _run([qemu_img, "convert", "-O", "vmdk", "-o", "subformat=" + sub, "src.raw", "x.vmdk"],
          cwd=tmp_path)
     ours = be_bindir / "qemu-img"
@@ -170,7 +170,7 @@ def test_our_convert_output(qemu_img, be_bindir, source, tmp_path, sub):
     for side, tool in (("ref", qemu_img), ("our", be_bindir / "qemu-img")):
         d = tmp_path / side
         d.mkdir()
-        shutil.copy(source, d / "src.raw")
+        copy_sparse(source, d / "src.raw")
         _run([tool, "convert", "-O", "vmdk", "-o", "subformat=" + sub, "src.raw", "x.vmdk"],
              cwd=d)
         assert _run([qemu_img, "check", "x.vmdk"], cwd=d).returncode == 0
