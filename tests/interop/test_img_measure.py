@@ -87,7 +87,7 @@ def test_output_formats(run_both, fmt, size, ofmt):
     "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.hash-alg=sha512,"
     "encrypt.iter-time=10",
 ])
-@pytest.mark.parametrize("size", ["0", "1G"])
+@pytest.mark.parametrize("size", ["1G"])      # (qemu-img times PBKDF for each: seconds)
 def test_qcow2_luks_sizes(run_both, options, size):
     same(run_both, ["measure", *SECRET, "-O", "qcow2", "-o", options, "--size", size])
 
@@ -103,7 +103,7 @@ def test_qcow2_luks_sizes(run_both, options, size):
     "key-secret=sec0,cipher-alg=twofish-256,cipher-mode=ecb,ivgen-hash-alg=md5",
     "key-secret=sec0,ivgen-alg=essiv,ivgen-hash-alg=sha256,cipher-alg=aes-256",
 ])
-@pytest.mark.parametrize("size", ["0", "1000", "1G"])
+@pytest.mark.parametrize("size", ["1000", "1G"])
 def test_luks_sizes(run_both, options, size):
     same(run_both, ["measure", *SECRET, "-O", "luks", "-o", options, "--size", size])
 
