@@ -255,12 +255,20 @@ def _map_batch(node, offset: int, end: int, file_id) -> tuple[bytes, int]:
     if not batch:
         batch = [block_status_entry(node, offset, asked)]
     pack = _native.MAP_ENTRY.pack
-    packed = b"".join(pack(e.start, e.length, e.offset or 0,
-                           (e.data and _native.MAP_DATA) | (e.zero and _native.MAP_ZERO)
-                           | (e.present and _native.MAP_PRESENT)
-                           | (e.offset is not None and _native.MAP_HAS_OFFSET),
-                           e.depth, file_id(e.filename), 0) for e in batch)
+    packed = b"".join(pack(e.start, e.length, e.offset or 0, _map_flags(e), e.depth,
+                           file_id(e.filename), 0) for e in batch)
     return packed, sum(e.length for e in batch)
+
+
+def _map_flags(e: MapEntry) -> int:
+    """The MAP_* flags of a packed map entry."""
+    flags = 0
+    for present, bit in ((e.data, _native.MAP_DATA), (e.zero, _native.MAP_ZERO),
+                         (e.present, _native.MAP_PRESENT),
+                         (e.offset is not None, _native.MAP_HAS_OFFSET)):
+        if present:
+            flags |= bit
+    return flags
 
 
 # ---- check ---------------------------------------------------------------------------------------
