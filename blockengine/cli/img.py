@@ -335,7 +335,6 @@ def _print_option_help(filename: str | None, fmt: str) -> int:
 def cmd_convert(argv: list[str]) -> int:
     # the copy loop (and the native helpers it needs) load only for convert
     from .convert import MAX_BUF_SECTORS, Converter, CopyError, has_zero_init
-    from . import bitmap
     session = Session()
     fmt = out_fmt = options = out_baseimg = backing_fmt = snapshot = None
     cache, src_cache = "unsafe", DEFAULT_CACHE
@@ -405,6 +404,8 @@ def cmd_convert(argv: list[str]) -> int:
             backing_fmt = arg
     if quiet:
         progress = False
+    if bitmaps:
+        from . import bitmap        # it brings the QMP bitmap commands: only when needed
     if out_fmt is None and not tgt_image_opts:
         out_fmt = "raw"
     for cond, msg in ((skip_broken and not bitmaps, "Use of --skip-broken-bitmaps requires "
