@@ -55,6 +55,10 @@ class Image:
     def write(self, offset: int, data) -> None:
         self.backend.pwrite(offset, data)
 
+    def write_compressed(self, offset: int, data) -> None:
+        """Whole clusters the format stores compressed (``img convert -c``)."""
+        self.backend.pwrite_compressed(offset, data)
+
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.backend.pwrite_zeroes(offset, length, may_unmap)
 

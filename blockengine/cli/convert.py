@@ -30,6 +30,7 @@ from .imageinfo import StatusCursor, cluster_size
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
+COMPRESSED_BATCH = 2 << 20                  # -c: bytes of clusters compressed together
 MAX_BUF_SECTORS = 32768                     # 16 MiB, the -S upper bound
 MAX_REQUEST_SECTORS = (1 << 31) // SECTOR - 8   # BDRV_REQUEST_MAX_SECTORS-ish bound
 BLK_ZERO, BLK_DATA, BLK_BACKING_FILE = "zero", "data", "backing"
@@ -119,7 +120,8 @@ class Converter:
 
     def __init__(self, sources, target, *, min_sparse: int = 4096, has_zero_init: bool,
                  target_has_backing: bool = False, progress=None,
-                 buf_size: int = IO_BUF_SIZE, alignment: int | None = None):
+                 buf_size: int = IO_BUF_SIZE, alignment: int | None = None,
+                 compressed: bool = False):
         self.sources = list(sources)
         self.target = target
         self.src_sizes = [s.size for s in self.sources]
@@ -129,6 +131,11 @@ class Converter:
         self.buf_sectors = max(buf_size // SECTOR, 1)
         self.has_zero_init = has_zero_init
         self.target_has_backing = target_has_backing
+        self.compressed = compressed
+        if compressed:
+            # convert_do_copy(): only one cluster can be copied at a time
+            self.cluster_sectors = div_round_up(cluster_size(target.node), SECTOR)
+            self.buf_sectors = self.cluster_sectors
         self.progress = progress
         self.src_alignment = [div_round_up(cluster_size(s.node), SECTOR)
                               for s in self.sources]
@@ -179,6 +186,13 @@ class Converter:
         n = min(n, self._next_status - sector_num)
         if self._status == BLK_DATA:
             n = min(n, self.buf_sectors)
+        if self.compressed:
+            # compressed clusters are written whole: a shorter run is a data cluster
+            if n < self.cluster_sectors:
+                n = min(self.cluster_sectors, self.total_sectors - sector_num)
+                self._status = BLK_DATA
+            else:
+                n -= n % self.cluster_sectors
         return n
 
     def _counts(self, status: str) -> bool:
@@ -190,16 +204,10 @@ class Converter:
 
         Reads (and status queries) run here while a writer thread writes the previous
         buffers in order, so source and target I/O overlap as QEMU's coroutines do."""
-        allocated = 0
-        sector = 0
-        while sector < self.total_sectors:
-            n = self.iteration_sectors(sector)
-            if self._counts(self._status):
-                allocated += n
-            sector += n
-        self._next_status = 0
-        self._src_cur = self._src_cur_offset = 0
-
+        allocated = self._count_allocated()
+        if self.compressed:
+            self._run_compressed(allocated)
+            return
         done = 0
         sector = 0
         with _WriteBehind(self._write, self.buf_sectors * SECTOR) as writer:
@@ -224,6 +232,85 @@ class Converter:
                     buf[:n * SECTOR] = bytes(n * SECTOR)
                 writer.submit(sector, n, buf, status)
                 sector += n
+
+    def _count_allocated(self) -> int:
+        """Sectors the progress counts (a first pass over the block status)."""
+        allocated = 0
+        sector = 0
+        while sector < self.total_sectors:
+            n = self.iteration_sectors(sector)
+            if self._counts(self._status):
+                allocated += n
+            sector += n
+        self._next_status = 0
+        self._src_cur = self._src_cur_offset = 0
+        return allocated
+
+    # ---- copy with -c ---------------------------------------------------------------------
+    def _run_compressed(self, allocated: int) -> None:
+        """convert_do_copy() with -c: cluster by cluster; a data cluster is written
+        compressed unless it is all zeroes (then, like a zero range, it is not written
+        on a target reading as zeroes, else written as zeroes); -S 0 compresses zero
+        clusters too.  Runs of consecutive data clusters go to the target as one
+        compressed write of up to COMPRESSED_BATCH bytes: the format compresses its
+        clusters in parallel threads and allocates them in guest order, the layout
+        QEMU's in-order one-cluster writes give.  A last empty compressed write ends
+        the stream (vmdk pads its file)."""
+        cluster_bytes = self.cluster_sectors * SECTOR
+        batch_sectors = max(COMPRESSED_BATCH // cluster_bytes, 1) * self.cluster_sectors
+        done = 0
+        sector = 0
+        with _WriteBehind(self._write_compressed, batch_sectors * SECTOR) as writer:
+            buf, start, filled = None, 0, 0      # the batch being filled
+            while sector < self.total_sectors:
+                n = self.iteration_sectors(sector)
+                status = self._status
+                if self._counts(status):
+                    done += n
+                    if self.progress is not None:
+                        self.progress.print(100.0 * done / allocated, 0)
+                if buf is None:
+                    buf, start, filled = writer.free_buffer(), sector, 0
+                if status == BLK_DATA or (status == BLK_ZERO and not self.min_sparse):
+                    view = memoryview(buf)[filled * SECTOR:(filled + n) * SECTOR]
+                    if status == BLK_DATA:
+                        try:
+                            self._read(sector, n, view)
+                        except BlockError as e:
+                            writer.drain()
+                            raise CopyError("reading", sector * SECTOR, e) from e
+                    else:
+                        view[:] = bytes(n * SECTOR)
+                    if not self.min_sparse or not _native.buffer_is_zero(view, 0, len(view)):
+                        filled += n
+                        sector += n
+                        if filled + self.cluster_sectors > batch_sectors:
+                            writer.submit(start, filled, buf, BLK_DATA)
+                            buf = None
+                        continue
+                    status = BLK_ZERO
+                if filled:
+                    writer.submit(start, filled, buf, BLK_DATA)
+                    buf = writer.free_buffer()
+                writer.submit(sector, n, buf, status)
+                buf = None
+                sector += n
+            if buf is not None:
+                writer.submit(start, filled, buf, BLK_DATA)
+        try:
+            self.target.write_compressed(0, b"")
+        except BlockError as e:
+            raise CopyError("writing", 0, e) from e
+
+    def _write_compressed(self, sector_num: int, nb: int, buf: bytearray,
+                          status: str) -> None:
+        """convert_co_write() with -c, for _run_compressed()'s batches."""
+        if status == BLK_DATA:
+            if nb:
+                self.target.write_compressed(sector_num * SECTOR,
+                                             memoryview(buf)[:nb * SECTOR])
+        elif status == BLK_ZERO and not self.has_zero_init:
+            self.target.write_zeroes(sector_num * SECTOR, nb * SECTOR, True)
 
     def _read(self, sector_num: int, n: int, buf: bytearray) -> None:
         """convert_co_read(): fill buf with n sectors, crossing source boundaries."""

@@ -468,7 +468,8 @@ def cmd_convert(argv: list[str]) -> int:
                                        and not target_has_backing
                                        and has_zero_init(target.node))
         job = Converter(images, target, min_sparse=min_sparse, has_zero_init=zero_init,
-                        target_has_backing=target_has_backing, progress=bar)
+                        target_has_backing=target_has_backing, progress=bar,
+                        compressed=compressed)
         try:
             job.run()
         except CopyError as e:

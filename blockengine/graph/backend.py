@@ -343,6 +343,14 @@ class BlockBackend:
         self._run("wr", node.pwrite, offset, data, fua, nbytes=n)
         self._wrote(offset, n)
 
+    def pwrite_compressed(self, offset: int, data) -> None:
+        """blk_pwrite_compressed()."""
+        n = memoryview(data).nbytes
+        node = self._check_write(offset, n)
+        self._throttle(True, n)
+        self._run("wr", node.pwrite_compressed, offset, data, nbytes=n)
+        self._wrote(offset, n)
+
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         node = self._check_write(offset, length)
         self._throttle(True, length)

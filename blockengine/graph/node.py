@@ -266,6 +266,22 @@ class BlockNode:
             self.drv.pwritev(off, data[pos:pos + n], fua)
             pos += n
 
+    def pwrite_compressed(self, offset: int, data) -> None:
+        """A write the format stores compressed (BDRV_REQ_WRITE_COMPRESSED): whole
+        clusters, the last one may end at the end of the image; the driver checks that.
+        ENOTSUP where the driver cannot compress."""
+        data = memoryview(data).cast("B")
+        length = len(data)
+        self._check_writable()
+        check_request(offset, length, self._bound())
+        write = getattr(self.drv, "pwritev_compressed", None)
+        if write is None:
+            raise NotSupported()
+        with self.lock:
+            self._before_write(offset, length)
+            write(offset, data)
+            self._after_write(offset, length)
+
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes; falls back to writing zero buffers (ENOTSUP)."""
         self._check_writable()

@@ -641,6 +641,29 @@ class ClusterMixin:
             for e in old:
                 self.free_any_cluster(e, QCOW2_DISCARD_NEVER)
 
+    def alloc_compressed_cluster_offset(self, offset: int, compressed_size: int) -> int:
+        """qcow2_alloc_compressed_cluster_offset(): link the guest cluster at ``offset``
+        to ``compressed_size`` newly allocated bytes; returns their host offset.
+
+        A compressed write never overwrites: EIO when the cluster has a host offset
+        (a zero flag alone may be replaced).  Compressed entries never carry
+        OFLAG_COPIED (their host cluster may be shared), and with extended L2 entries
+        their bitmap is 0."""
+        table, idx, slice_off = self.get_cluster_table(offset)
+        if self.l2_entry(table, idx) & L2E_OFFSET_MASK:
+            raise BlockError("Input/output error", errno=errno.EIO)
+        host = self.alloc_bytes(compressed_size)
+        nb_csectors = ((host + compressed_size - 1) // QCOW2_COMPRESSED_SECTOR_SIZE
+                       - host // QCOW2_COMPRESSED_SECTOR_SIZE)
+        assert host & self.cluster_offset_mask == host
+        assert nb_csectors & self.csize_mask == nb_csectors
+        self.set_l2_entry(table, idx,
+                          host | QCOW_OFLAG_COMPRESSED | nb_csectors << self.csize_shift)
+        if self.extended:
+            self.set_l2_bitmap(table, idx, 0)
+        self.l2_cache.mark_dirty(slice_off, table)
+        return host
+
     # ---- zeroes and discard ---------------------------------------------------------------
     def cluster_discard(self, offset: int, nbytes: int, dtype: int, full_discard: bool) -> None:
         """qcow2_cluster_discard(): offset cluster aligned, end aligned or image end."""

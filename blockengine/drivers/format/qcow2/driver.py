@@ -25,7 +25,7 @@ from ...base import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO, 
 from . import layout as L
 from .cache import Qcow2Cache, cache_sizes
 from .cluster import ClusterMixin, L2Meta, CowRegion
-from .compress import decompress
+from .compress import compress_many, decompress
 from .native import N
 from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCATED_PLAIN,
                      SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
@@ -933,6 +933,40 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             self.flush_caches()
             self.data_file.flush()
 
+    def pwritev_compressed(self, offset: int, data) -> None:
+        """qcow2_co_pwritev_compressed_part(): every cluster of the request is stored
+        compressed, in a new place packed after the previous compressed data.
+
+        ``offset`` is cluster aligned and the request is whole clusters, except a last
+        partial cluster ending at the end of the image (compressed padded with zeroes).
+        A cluster that does not shrink is written normally; a cluster that already has
+        a host offset fails with EIO (compressed writes never overwrite).  The clusters
+        are compressed in parallel threads, then allocated in guest order."""
+        self._begin_write()
+        if self.has_data_file:
+            raise NotSupported()
+        data = memoryview(data).cast("B")
+        nbytes = len(data)
+        if nbytes == 0:
+            # the end of a compressed stream: the file ends on a sector boundary
+            # (QEMU truncates it to bdrv_getlength(), its size in whole sectors)
+            self.file.truncate(self.file.total_size)
+            return
+        cs = self.cluster_size
+        if offset & (cs - 1) or (nbytes & (cs - 1) and offset + nbytes != self.total_size):
+            raise InvalidArgument("Invalid argument", errno=errno.EINVAL)
+        chunks = [data[pos:pos + cs] for pos in range(0, nbytes, cs)]
+        clusters = [c if len(c) == cs else bytes(c) + bytes(cs - len(c)) for c in chunks]
+        compressed = compress_many(clusters, self.compression_type)
+        for i, (chunk, out) in enumerate(zip(chunks, compressed)):
+            guest = offset + i * cs
+            if out is None:
+                self.pwritev(guest, chunk)
+                continue
+            host = self.alloc_compressed_cluster_offset(guest, len(out))
+            self.pre_write_overlap_check(0, host, len(out), True)
+            self.data_file.pwrite(host, out)
+
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """bdrv_co_do_pwrite_zeroes() split at the subcluster size + qcow2_co_pwrite_zeroes()."""
         self._begin_write()
@@ -1052,6 +1086,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         self.refcount_table[0] = 2 * cs
         self.max_refcount_table_index = 0
         self.free_cluster_index = 0
+        self.free_byte_offset = 0       # its cluster is gone with the old refcounts
         if self.alloc_clusters(3 * cs + self.l1_size * L.L1E_SIZE) != 0:
             raise CorruptImage("First cluster in emptied image is in use")
         self.mark_clean()

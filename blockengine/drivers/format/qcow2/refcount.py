@@ -49,6 +49,8 @@ class RefcountMixin:
             tbl.byteswap()
         self.refcount_table = tbl
         self.free_cluster_index = 0
+        self.free_byte_offset = 0
+        self._free_byte_cluster_freed = False
         self._pending_discards: list[tuple[int, int]] = []
         self.cache_discards = False
         self._update_max_refcount_table_index()
@@ -180,6 +182,10 @@ class RefcountMixin:
         first = runs[0][0]
         if first < self.free_cluster_index:
             self.free_cluster_index = first
+        if self.free_byte_offset:
+            c = self.free_byte_offset >> cb
+            if any(a <= c < a + n for a, n in runs):
+                self._free_byte_cluster_freed = True
         for cache in (self.refcount_cache, self.l2_cache):
             if cache.entries:
                 for off in list(cache.entries):
@@ -405,6 +411,49 @@ class RefcountMixin:
                 return i
             except _Again:
                 continue
+
+    def alloc_bytes(self, size: int) -> int:
+        """qcow2_alloc_bytes(): host offset of ``size`` bytes (at most a cluster) for a
+        compressed cluster, packed right after the previous one (``free_byte_offset``)
+        while it fits, continuing into the next host cluster when that one is the next
+        free cluster.  Every compressed cluster touching a host cluster holds one
+        reference to it, so shared host clusters have refcounts above 1.
+
+        One departure from QEMU 7.2: when the host cluster ``free_byte_offset`` points
+        into was freed and then allocated again for something else, QEMU would still
+        pack compressed data into it (corrupting that cluster: its refcount goes to 2
+        under an OFLAG_COPIED entry); here packing restarts in a new cluster."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        offset = self.free_byte_offset
+        if offset:
+            refcount = self.get_refcount(offset >> cb)
+            if refcount == self.refcount_max or (self._free_byte_cluster_freed and refcount):
+                offset = 0
+        free_in_cluster = cs - (offset & (cs - 1))
+        max_offset = min(self.cluster_offset_mask, QCOW_MAX_CLUSTER_OFFSET)
+        while True:
+            if not offset or free_in_cluster < size:
+                new_cluster = self.alloc_clusters_noref(cs, max_offset)
+                if new_cluster == 0:
+                    self.signal_corruption(True, "Preventing invalid allocation of "
+                                           "compressed cluster at offset 0")
+                if not offset or -(-offset // cs) * cs != new_cluster:
+                    offset = new_cluster
+                    free_in_cluster = cs
+                else:
+                    free_in_cluster += cs
+            try:
+                self.update_refcount(offset, size, 1, False, QCOW2_DISCARD_NEVER)
+                break
+            except _Again:
+                offset = 0
+        # the refcounts must be on disk before the L2 entry that uses them
+        self.l2_cache.set_dependency(self.refcount_cache)
+        self._free_byte_cluster_freed = False
+        self.free_byte_offset = offset + size
+        if not self.free_byte_offset & (cs - 1):
+            self.free_byte_offset = 0
+        return offset
 
     def free_clusters(self, offset: int, size: int, dtype: int) -> None:
         """qcow2_free_clusters() (errors are reported, not raised, as in QEMU)."""
