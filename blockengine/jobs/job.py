@@ -177,6 +177,10 @@ class Job:
         self.error: str | None = None
         self.progress_current = 0
         self.progress_total = 0
+        # a leaf lock: progress is counted from guest-write paths that hold node locks,
+        # which must never wait for the registry lock (a finishing job holds it while
+        # its prepare/abort waits for those node locks)
+        self._progress_lock = threading.Lock()
         self.speed = 0
         self._slice_start = self._slice_end = 0
         self._slice_bytes = 0
@@ -235,15 +239,15 @@ class Job:
 
     # ---- progress & speed ------------------------------------------------------------
     def progress(self, done: int) -> None:
-        with self.registry.lock:
+        with self._progress_lock:
             self.progress_current += done
 
     def progress_add_total(self, n: int) -> None:
-        with self.registry.lock:
+        with self._progress_lock:
             self.progress_total += n
 
     def progress_set_remaining(self, remaining: int) -> None:
-        with self.registry.lock:
+        with self._progress_lock:
             self.progress_total = self.progress_current + remaining
 
     def set_speed(self, speed: int) -> None:
@@ -279,10 +283,11 @@ class Job:
             self._ratelimit_delay(nbytes)
             while not self.cancelled and not self.soft_cancelled:
                 delay = self._ratelimit_delay(0)
-                if delay <= 0:
+                if delay <= 0 or self.needs_attention():
                     break
                 self.busy = False
-                self.cond.wait(delay)
+                # in slices: a guest-write path flags work without notifying
+                self.cond.wait(min(delay, SLICE_NS / 1e9))
                 self.busy = True
                 if self.pause_count:
                     break
@@ -319,10 +324,16 @@ class Job:
             if self.cancelled:
                 raise JobCancelled()
 
+    def needs_attention(self) -> bool:
+        """Hook: work flagged by another thread without the registry lock (see
+        ``ratelimit``); a waiting job goes back to its loop."""
+        return False
+
     def sleep(self, seconds: float) -> None:
         """Idle wait (e.g. a READY mirror with nothing to do); wakes on any request."""
         with self.registry.lock:
-            if self.cancelled or self.pause_count or self.completing or self.soft_cancelled:
+            if (self.cancelled or self.pause_count or self.completing or self.soft_cancelled
+                    or self.needs_attention()):
                 return
             self.busy = False
             self.cond.wait(seconds)
@@ -355,6 +366,14 @@ class Job:
     # ---- error policy -----------------------------------------------------------------
     def error_action(self, policy: str, is_read: bool, exc: BaseException) -> str:
         """block_job_error_action(): 'report' (raise), 'ignore' or 'stop' (paused; retry)."""
+        action = self.announce_error(policy, is_read, exc)
+        if action == "stop":
+            self.stop_on_error(exc)
+        return action
+
+    def announce_error(self, policy: str, is_read: bool, exc: BaseException) -> str:
+        """The action ``policy`` takes on ``exc``, announced with BLOCK_JOB_ERROR (takes
+        no job lock: guest-write paths call it)."""
         err = getattr(exc, "errno", None) or _errno.EIO
         if policy in ("enospc", "auto"):
             action = "stop" if err == _errno.ENOSPC else "report"
@@ -363,13 +382,16 @@ class Job:
         self._emit("BLOCK_JOB_ERROR", {"device": self.id,
                                        "operation": "read" if is_read else "write",
                                        "action": action})
-        if action == "stop":
-            with self.registry.lock:
-                if not self.user_paused:
-                    self.user_paused = True
-                    self.pause_count += 1
-                self.iostatus = "nospace" if err == _errno.ENOSPC else "failed"
         return action
+
+    def stop_on_error(self, exc: BaseException) -> None:
+        """The 'stop' action: paused as by the user, with the error's io-status."""
+        err = getattr(exc, "errno", None) or _errno.EIO
+        with self.registry.lock:
+            if not self.user_paused:
+                self.user_paused = True
+                self.pause_count += 1
+            self.iostatus = "nospace" if err == _errno.ENOSPC else "failed"
 
     def handle_io_error(self, policy: str, is_read: bool, exc: BaseException) -> bool:
         """Apply the policy; returns True to retry the chunk, False to skip it (ignore).

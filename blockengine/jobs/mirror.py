@@ -12,7 +12,11 @@ Copy modes (QEMU 7.2's MirrorCopyMode): ``background`` copies only from the dirt
 before the write completes (``guest_write``, QEMU's do_sync_target_write), so the
 target stops falling behind.  Such a write and the job's copy of an overlapping chunk
 never interleave (``copy_lock``): the job cannot write stale data over a newer
-synchronous copy after the write has cleared the chunk's dirty bits.
+synchronous copy after the write has cleared the chunk's dirty bits.  A mirrored write
+leaves no mark in the dirty bitmap (QEMU 7.2 disables the bitmap in this mode) and
+clears only the chunks it covered whole: a chunk it covers in part may have been
+dirtied meanwhile (the initial full-sync marking, a failed copy), and the target holds
+only this write's part of it.
 
 block-job-complete (or a soft block-job-cancel once READY) ends the loop; ``prepare``
 then takes the filter's lock -- no guest write can be in flight through it -- copies
@@ -23,6 +27,7 @@ cancelled mirror only removes its filter: the target keeps whatever was copied.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from .. import bitmaps
@@ -39,6 +44,29 @@ from .job import Job, device_name
 DEFAULT_BUF_SIZE = 16 << 20
 MAX_CHUNK = 4 << 20
 COPY_MODES = ("background", "write-blocking")
+
+
+class MirrorDirtyBitmap(BlockDirtyBitmap):
+    """The job's dirty bitmap.  It records every write that reaches the source, except
+    the one the current thread is mirroring synchronously (``unrecorded``): that write
+    is on the target too.  Writes of other threads -- e.g. one already on its way to
+    the source when the filter went in -- are recorded as usual."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mirroring = threading.local()
+
+    @contextlib.contextmanager
+    def unrecorded(self):
+        self._mirroring.active = True
+        try:
+            yield
+        finally:
+            self._mirroring.active = False
+
+    def set_range(self, offset: int, length: int) -> None:
+        if not getattr(self._mirroring, "active", False):
+            super().set_range(offset, length)
 
 
 class JobBackend(BlockBackend):
@@ -95,6 +123,7 @@ class MirrorJob(Job):
         self.copy_mode = copy_mode
         self.copy_lock = threading.Lock()
         self.active_error: BaseException | None = None     # a failed synchronous write
+        self.stop_error: BaseException | None = None       # ... whose policy says stop
         super().__init__(graph, job_id, source, speed=speed, auto_finalize=auto_finalize,
                          auto_dismiss=auto_dismiss)
         try:
@@ -114,8 +143,8 @@ class MirrorJob(Job):
             graph.insert_filter(self.mirror_top, source)
             # on the source (QEMU puts it on the filter): it also sees a write that was
             # already on its way to the source when the filter went in
-            self.dirty = BlockDirtyBitmap(source, None, self.granularity,
-                                          size=source.total_size)
+            self.dirty = MirrorDirtyBitmap(source, None, self.granularity,
+                                           size=source.total_size)
             bitmaps.add_bitmap(source, self.dirty)
             # the job's main backend (block_job_create on mirror_top)
             blk = JobBackend(graph, self, Perm.CONSISTENT_READ,
@@ -160,6 +189,7 @@ class MirrorJob(Job):
         self.buffer = CopyBuffer(min(self.buf_size, MAX_CHUNK))
         cursor = 0
         while True:
+            self._take_sync_write_error()
             self.pause_point()
             if self.active_error is not None:
                 raise self.active_error
@@ -264,40 +294,68 @@ class MirrorJob(Job):
                 and not self.deferred and not self.cancelled and self.active_error is None)
 
     def guest_write(self, offset: int, length: int, request) -> None:
-        """A guest write through the filter.  ``request(node, off, n)`` writes the part
-        [off, off+n) of it to a node: all of it to the source (whose dirty bitmap marks
-        it) and, in write-blocking mode, what do_sync_target_write() copies to the
-        target: an unaligned head or tail in a chunk that was already dirty is left to
-        the background copy (its other bytes are not on the target yet either); the
-        chunks the copy covers are clean afterwards."""
+        """bdrv_mirror_top_do_write() + do_sync_target_write(): a guest write through the
+        filter.  ``request(node, off, n)`` writes the part [off, off+n) of it to a node:
+        all of it to the source and, in write-blocking mode, to the target too, minus an
+        unaligned head or tail in a chunk that is dirty (its other bytes are not on the
+        target yet either: the background copy takes the whole chunk).
+
+        Runs in the guest's thread with the filter node's lock held: it must not wait
+        for the job's registry lock (a finishing job holds that while waiting for the
+        filter's lock), so errors are handed over to the job (``stop_error``)."""
         if not self._writes_to_target():
-            request(self.source, offset, length)
+            request(self.source, offset, length)      # the bitmap records it
             return
         g, end = self.granularity, offset + length
         with self.copy_lock:
-            # the trimming looks at the bitmap as it was before this write dirtied it
             start = offset
             if start % g and self.dirty.get(start):
                 start += g - start % g
             stop = end
             if stop % g and self.dirty.get(stop - 1):
                 stop -= stop % g
-            request(self.source, offset, length)
-            if stop <= start or not self._writes_to_target():
+            try:
+                with self.dirty.unrecorded():
+                    request(self.source, offset, length)
+            except BaseException:
+                self.dirty.set_dirty(offset, length)  # whatever part of it landed
+                raise
+            if stop <= start:
+                return          # all in chunks that were dirty, and still are
+            if not self._writes_to_target():
+                self.dirty.set_dirty(offset, length)  # the job stopped meanwhile
                 return
+            # only the chunks covered whole: the trimmed ends are dirty, and a clean
+            # end chunk got dirty meanwhile would lose the rest of its data
+            self.dirty.reset_dirty(start, stop - start)
             self.progress_add_total(stop - start)
             try:
                 request(self.target, start, stop - start)
             except BlockError as e:
-                # the range stays dirty (the source write marked it) for the job to copy;
-                # 'report' fails the job, the guest's write itself succeeded
-                if self.error_action(self.on_target_error, False, e) == "report":
-                    self.active_error = e
-                    self.kick()
+                self.dirty.set_dirty(start, stop - start)
+                self._sync_write_failed(e)
                 return
-            self.dirty.reset_dirty(start - start % g, min(-(-stop // g) * g, self.dirty.size)
-                                   - (start - start % g))
             self.progress(stop - start)
+
+    def _sync_write_failed(self, e: BlockError) -> None:
+        """A synchronous copy failed (the guest's write itself succeeded; its range is
+        dirty again): 'report' fails the job and stops further synchronous copies,
+        'stop' pauses it -- both through the job's thread."""
+        action = self.announce_error(self.on_target_error, False, e)
+        if action == "report":
+            if self.active_error is None:
+                self.active_error = e
+        elif action == "stop":
+            self.stop_error = e
+
+    def _take_sync_write_error(self) -> None:
+        """In the job's thread: apply a 'stop' that a synchronous write asked for."""
+        e, self.stop_error = self.stop_error, None
+        if e is not None:
+            self.stop_on_error(e)
+
+    def needs_attention(self) -> bool:
+        return self.active_error is not None or self.stop_error is not None
 
     # ---- complete / cancel --------------------------------------------------------------
     def do_complete(self) -> None:

@@ -3,6 +3,7 @@ through the mirror's filter is on the target when the write returns; background 
 leaves it to the dirty bitmap.  Concurrent writes against a model, target errors of a
 synchronous write, and the QMP side against qemu-storage-daemon."""
 import subprocess
+import threading
 
 import pytest
 
@@ -72,19 +73,20 @@ def test_guest_write_reaches_target_synchronously(ctx, images, copy_mode):
     assert read(dst) == read(src)
 
 
-@pytest.mark.skip(reason="known race, to fix: with a guest writer thread, the target can miss "
-                  "a write that lands while its chunk is being copied (and the job may hang)")
-def test_write_blocking_concurrent_writes_match_model(ctx, images, tmp_path):
+@pytest.mark.parametrize("seed,granularity", [(3, None), (5, 4096), (8, 1 << 20)])
+def test_write_blocking_concurrent_writes_match_model(ctx, images, tmp_path, seed,
+                                                      granularity):
     src, dst = images
     ctx.add_raw("src", src)
     ctx.add_raw("dst", dst)
     blk = ctx.device("vda", "src")
     model = bytearray(read(src))
-    w = Writer(blk, model, seed=3, zero_every=7)
+    w = Writer(blk, model, seed=seed, zero_every=7)
     w.start()
     w.wait_writes(50)
+    extra = {} if granularity is None else {"granularity": granularity}
     ctx.cmd("blockdev-mirror", device="src", target="dst", sync="full",
-            **{"job-id": "m", "copy-mode": "write-blocking", "buf-size": 1 << 20})
+            **{"job-id": "m", "copy-mode": "write-blocking", "buf-size": 1 << 20}, **extra)
     ctx.events.wait("BLOCK_JOB_READY")
     w.wait_writes(200)       # READY: every write now lands on both sides at once
     with w.lock:
@@ -99,6 +101,40 @@ def test_write_blocking_concurrent_writes_match_model(ctx, images, tmp_path):
     r = subprocess.run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw",
                         src, dst], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+def test_write_blocking_write_racing_the_initial_marking(ctx, images, monkeypatch):
+    """A synchronous write that covers a chunk in part, while the job marks the whole
+    image dirty (sync=full) between the write's look at the bitmap (chunk clean: not
+    trimmed) and its end: the chunk must stay dirty, since the target holds only this
+    write's part of it.  (Clearing every chunk the write touched lost the rest.)"""
+    from blockengine.jobs.mirror import MirrorJob
+    src, dst = images
+    ctx.add_raw("src", src)
+    ctx.add_raw("dst", dst)
+    blk = ctx.device("vda", "src")
+    go, marked = threading.Event(), threading.Event()
+    dirty_init = MirrorJob._dirty_init
+
+    def delayed_dirty_init(job, size):
+        assert go.wait(10)
+        dirty_init(job, size)
+        marked.set()
+    monkeypatch.setattr(MirrorJob, "_dirty_init", delayed_dirty_init)
+
+    def during_guest_write(node, offset, length):
+        if threading.current_thread() is threading.main_thread() and not go.is_set():
+            go.set()                    # the job marks everything dirty right now
+            assert marked.wait(10)
+    ctx.graph.find_node("src").before_write_notifiers.append(during_guest_write)
+    ctx.cmd("blockdev-mirror", device="src", target="dst", sync="full",
+            **{"job-id": "m", "copy-mode": "write-blocking"})
+    blk.pwrite(4096 + 512, b"\x77" * 1000)
+    assert marked.is_set()
+    ctx.events.wait("BLOCK_JOB_READY")
+    ctx.cmd("block-job-complete", device="m")
+    assert "error" not in ctx.events.wait("BLOCK_JOB_COMPLETED")
+    assert read(dst) == read(src)
 
 
 def _blkdebug_target_in_state_2(ctx, path):
