@@ -16,6 +16,7 @@ _DRIVERS = {
     "crash-inject": "blockengine.drivers.filter.crash_inject:CrashInjectDriver",
     "copy-before-write": "blockengine.drivers.filter.copy_before_write:CopyBeforeWriteDriver",
     "copy-on-read": "blockengine.drivers.filter.copy_on_read:CopyOnReadDriver",
+    "compress": "blockengine.drivers.filter.compress:CompressDriver",
     "qcow2": "blockengine.drivers.format.qcow2.driver:Qcow2Driver",
     "quorum": "blockengine.drivers.filter.quorum:QuorumDriver",
     "luks": "blockengine.drivers.format.luks:LuksDriver",

@@ -62,7 +62,7 @@ class BackupJob(Job):
                  on_source_error: str = "report", on_target_error: str = "report",
                  filter_node_name: str | None = None, speed: int = 0,
                  auto_finalize: bool = True, auto_dismiss: bool = True,
-                 cluster_size: int | None = None):
+                 cluster_size: int | None = None, compress: bool = False):
         if source is target:
             raise InvalidArgument("Source and target cannot be the same")
         if source.total_size != target.total_size:
@@ -72,6 +72,7 @@ class BackupJob(Job):
         self.sync_bitmap = bitmap
         self.bitmap_mode = bitmap_mode
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
+        self.compress = compress
         self.cluster_size = cluster_size or max(65536, bitmaps.default_granularity(target))
         self.cbw = None
         super().__init__(graph, job_id, source, speed=speed, auto_finalize=auto_finalize,
@@ -97,6 +98,7 @@ class BackupJob(Job):
             self.cbw = graph.open_node(opts)
             self.cbw.monitor_owned = False
             self.bcs = self.cbw.drv.bcs
+            self.bcs.compress = self.compress
             if self.sync == "top":
                 self.bcs.skip_unallocated = True
                 self.bcs.base = self.source.backing

@@ -80,6 +80,7 @@ class BlockCopy:
         self.skip_unallocated = skip_unallocated
         self.base = base
         self.chunk = max(cluster_size, chunk - chunk % cluster_size)
+        self.compress = False     # backup's compress: cluster-sized compressed writes
         self.progress = None      # callable(nbytes) for copied bytes
         self.on_skipped = None    # callable(nbytes) for clusters found unallocated
         self.extents = DataExtentCache(source, base)
@@ -145,6 +146,9 @@ class BlockCopy:
         pos, end = offset, offset + length
         if self.extents.base is not self.base:      # sync=top set it after creation
             self.extents = DataExtentCache(src, self.base)
+        if self.compress:
+            self._copy_compressed(offset, length)
+            return
         while pos < end:
             flags, n = self.extents.status(pos, end - pos)
             n = max(1, n)
@@ -159,6 +163,30 @@ class BlockCopy:
                     buf = self.buffer.read(src, pos, n)
                 with _tagged(is_read=False):
                     tgt.pwrite(pos, buf)
+            pos += n
+
+
+    def _copy_compressed(self, offset: int, length: int) -> None:
+        """block-copy's COPY_WRITE_COMPRESSED: cluster by cluster (compressed clusters
+        are written whole); a cluster zero all through is a zero write, any other is
+        written compressed (block_copy_block_status() counts a cluster with any data
+        as data)."""
+        src, tgt = self.source, self.target
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(self.cluster_size, end - pos)
+            flags, m = self.extents.status(pos, n)
+            whole = m >= n
+            if self.skip_unallocated and not flags & BLOCK_ALLOCATED and whole:
+                pass
+            elif flags & BLOCK_ZERO and whole:
+                with _tagged(is_read=False):
+                    tgt.pwrite_zeroes(pos, n)
+            else:
+                with _tagged(is_read=True):
+                    buf = self.buffer.read(src, pos, n)
+                with _tagged(is_read=False):
+                    tgt.pwrite_compressed(pos, buf)
             pos += n
 
 

@@ -224,12 +224,13 @@ _BACKUP_7_2 = {'*bitmap-mode': 'BitmapSyncMode', '*filter-node-name': 'str'}
 # values QEMU 7.2 added to block-core enums
 ENUM_ADDITIONS = {
     'MirrorSyncMode': ['bitmap'],
-    'BlockdevDriver': ['copy-on-read'],
+    'BlockdevDriver': ['copy-on-read', 'compress'],
 }
 
 MEMBER_UPDATES = {
     'UNIONS': {
-        'BlockdevOptions': {'copy-on-read': 'BlockdevOptionsCor'},
+        'BlockdevOptions': {'copy-on-read': 'BlockdevOptionsCor',
+                            'compress': 'BlockdevOptionsGenericFormat'},
     },
     'STRUCTS': {
         'BlockDirtyBitmapAdd': {'*persistent': 'bool', '*disabled': 'bool'},

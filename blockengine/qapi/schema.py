@@ -16,7 +16,7 @@ ENUMS = {
                        'iscsi', 'luks', 'nbd', 'nfs', 'null-aio', 'null-co', 'parallels',
                        'qcow', 'qcow2', 'qed', 'quorum', 'raw', 'rbd', 'replication',
                        'sheepdog', 'ssh', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat', 'vxhs',
-                       'copy-on-read'],
+                       'copy-on-read', 'compress'],
     'Qcow2OverlapCheckMode': ['none', 'constant', 'cached', 'all'],
     'BlkdebugEvent': ['l1_update', 'l1_grow_alloc_table', 'l1_grow_write_table',
                       'l1_grow_activate_table', 'l2_load', 'l2_update',
@@ -581,7 +581,8 @@ UNIONS = {
                                  'vpc': 'BlockdevOptionsGenericFormat',
                                  'vvfat': 'BlockdevOptionsVVFAT',
                                  'vxhs': 'BlockdevOptionsVxHS',
-                                 'copy-on-read': 'BlockdevOptionsCor'}},
+                                 'copy-on-read': 'BlockdevOptionsCor',
+                                 'compress': 'BlockdevOptionsGenericFormat'}},
     # from blockengine/qapi/extra.py
     'SocketAddress': {'base': {'type': 'SocketAddressType'},
                       'discriminator': 'type',

@@ -14,7 +14,7 @@ from ...graph.child import ChildRole
 from ...graph.node import BlockNode
 from ...jobs.backup import BackupJob, check_backup_args
 from ...jobs.commit import ActiveCommitJob, CommitJob
-from ...jobs.job import find_block_job, find_job, jobs_of, parse_on_error
+from ...jobs.job import device_name, find_block_job, find_job, jobs_of, parse_on_error
 from ...jobs.mirror import MirrorJob
 from ...jobs.stream import StreamJob
 
@@ -167,9 +167,10 @@ def _backup_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> Bac
     _check_speed(args)
     source.check_op_blockers()
     target.check_op_blockers()
-    if args.get("compress"):
+    compress = bool(args.get("compress"))
+    if compress and not supports_compressed_writes(target):
         raise BlockError("Compression is not supported for this drive %s"
-                         % target.node_name)
+                         % device_name(target))
     sync, bmap, mode = check_backup_args(source, args["sync"], args.get("bitmap"),
                                          args.get("bitmap-mode"))
     job = BackupJob(ctx.graph, args.get("job-id"), source, target, sync=sync, bitmap=bmap,
@@ -178,9 +179,20 @@ def _backup_common(ctx, args: dict, source: BlockNode, target: BlockNode) -> Bac
                                                    "on-source-error"),
                     on_target_error=parse_on_error(args.get("on-target-error"),
                                                    "on-target-error"),
-                    filter_node_name=args.get("filter-node-name"), **_common(args))
+                    filter_node_name=args.get("filter-node-name"), compress=compress,
+                    **_common(args))
     job.start()
     return job
+
+
+def supports_compressed_writes(node) -> bool:
+    """bdrv_supports_compressed_writes(): the node and every filter below it can."""
+    while node is not None:
+        if not hasattr(node.drv, "pwritev_compressed"):
+            return False
+        child = node.filtered_child() if node.is_filter else None
+        node = child.node if child is not None else None
+    return True
 
 
 def blockdev_backup(ctx, args: dict):
