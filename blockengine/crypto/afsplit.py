@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .cipher import DIGEST_LEN, hash_obj
-from cryptography.hazmat.primitives import hashes
+from .cipher import DIGEST_LEN, new_hash
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -18,7 +17,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
         len(a), "little")
 
 
-def _diffuse(hash_name: str, data: bytes, empty: hashes.Hash) -> bytes:
+def _diffuse(hash_name: str, data: bytes, empty) -> bytes:
     """``empty``: a fresh hashes.Hash of hash_name, copied for each piece (cheaper
     than a new one, which matters over thousands of stripes)."""
     dlen = DIGEST_LEN[hash_name]
@@ -35,7 +34,7 @@ def split(hash_name: str, key: bytes, stripes: int) -> bytes:
     n = len(key)
     rnd = os.urandom(n * (stripes - 1))
     d = bytes(n)
-    empty = hashes.Hash(hash_obj(hash_name))
+    empty = new_hash(hash_name)
     for i in range(stripes - 1):
         d = _diffuse(hash_name, _xor(d, rnd[i * n:(i + 1) * n]), empty)
     return rnd + _xor(d, key)
@@ -44,7 +43,7 @@ def split(hash_name: str, key: bytes, stripes: int) -> bytes:
 def merge(hash_name: str, material: bytes, key_len: int, stripes: int) -> bytes:
     n = key_len
     d = bytes(n)
-    empty = hashes.Hash(hash_obj(hash_name))
+    empty = new_hash(hash_name)
     for i in range(stripes - 1):
         d = _diffuse(hash_name, _xor(d, material[i * n:(i + 1) * n]), empty)
     return _xor(d, material[(stripes - 1) * n:stripes * n])

@@ -10,10 +10,8 @@ see ``SectorCipher``.
 """
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-
+# ``cryptography`` is imported where a cipher or hash is first made: loading its
+# bindings costs every command start-up several milliseconds, and most never encrypt.
 from ..errors import InvalidArgument, NotSupported
 
 SECTOR_SIZE = 512
@@ -32,8 +30,8 @@ SUPPORTED_CIPHERS = ("aes-128", "aes-192", "aes-256")
 CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
 IVGEN_ALGS = ("plain", "plain64", "essiv")
 HASH_ALGS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
-_HASHES = {"md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224,
-           "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES = {"md5": "MD5", "sha1": "SHA1", "sha224": "SHA224", "sha256": "SHA256",
+           "sha384": "SHA384", "sha512": "SHA512"}      # names in cryptography's hashes
 DIGEST_LEN = {"md5": 16, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48,
               "sha512": 64, "ripemd160": 20}
 
@@ -46,11 +44,18 @@ def hash_obj(name: str):
             raise NotSupported("Hash algorithm ripemd160 is not supported by this "
                                "cryptography backend")
         raise InvalidArgument("Hash algorithm %s not supported" % name)
-    return cls()
+    from cryptography.hazmat.primitives import hashes
+    return getattr(hashes, cls)()
+
+
+def new_hash(name: str):
+    """A fresh cryptography hash context for a QEMU hash name."""
+    from cryptography.hazmat.primitives import hashes
+    return hashes.Hash(hash_obj(name))
 
 
 def digest(name: str, data: bytes) -> bytes:
-    h = hashes.Hash(hash_obj(name))
+    h = new_hash(name)
     h.update(data)
     return h.finalize()
 
@@ -58,6 +63,7 @@ def digest(name: str, data: bytes) -> bytes:
 def pbkdf2(hash_name: str, password: bytes, salt: bytes, iterations: int,
            length: int) -> bytes:
     """qcrypto_pbkdf2() (RFC 2898 PBKDF2-HMAC)."""
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
     return PBKDF2HMAC(algorithm=hash_obj(hash_name), length=length, salt=salt,
                       iterations=iterations).derive(password)
 
@@ -81,6 +87,7 @@ def check_cipher(alg: str, mode: str) -> None:
 
 def _algorithm(alg: str, key: bytes):
     if alg.startswith("aes-"):
+        from cryptography.hazmat.primitives.ciphers import algorithms
         return algorithms.AES(key)
     raise NotSupported("Cipher algorithm '%s' is not supported by blockengine" % alg)
 
@@ -98,6 +105,7 @@ class IVGen:
         if alg == "essiv":
             salt = digest(hash_alg, key)
             ivalg = essiv_cipher(cipher_alg, hash_alg)
+            from cryptography.hazmat.primitives.ciphers import Cipher, modes
             self._essiv = Cipher(_algorithm(ivalg, salt), modes.ECB())
 
     def iv(self, sector: int) -> bytes:
@@ -168,6 +176,8 @@ class SectorCipher:
         self.algo = None if self._ecb_only else _algorithm(alg, key)
         self.niv = 0 if mode == "ecb" else 16
         self.ivgen = IVGen(ivgen_alg, self.niv, key, ivgen_hash, alg) if self.niv else None
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+        self._cipher_cls = Cipher
         self._modecls = {"cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(mode)
         half = len(key) // 2
         if mode == "xts":       # IEEE 1619: data key, then tweak key
@@ -237,7 +247,7 @@ class SectorCipher:
             raise NotSupported("AES-192-XTS works on whole sectors only")
         n, ss = len(data), self.sector_size
         ivs = self.ivgen.ivs(sector, -(-n // ss))
-        algo, modecls, C = self.algo, self._modecls, Cipher
+        algo, modecls, C = self.algo, self._modecls, self._cipher_cls
         s = 0
         for iv in ivs:
             c = C(algo, modecls(iv))

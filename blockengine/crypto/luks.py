@@ -19,7 +19,6 @@ import errno
 import os
 import struct
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from ..errors import BlockError, InvalidArgument, InvalidImage
@@ -477,7 +476,7 @@ class LuksBlock:
         master = os.urandom(nkey)
         h = LuksHeader(cipher_name=cipher_name_for_alg(cipher_alg).encode(),
                        cipher_mode=spec.encode(), hash_spec=hash_alg.encode(),
-                       key_bytes=nkey, uuid=str(uuidlib.uuid4()).encode())
+                       key_bytes=nkey, uuid=str(_uuid4()).encode())
         h.mk_digest_salt = os.urandom(SALT_LEN)
         iters = count_iters(hash_alg, master, h.mk_digest_salt, DIGEST_SIZE)
         if iter_time and iters > ULLONG_MAX // iter_time:
@@ -524,3 +523,8 @@ class LuksBlock:
             slots.append(d)
         out["slots"] = slots
         return out
+
+
+def _uuid4():
+    import uuid         # only creating a volume needs it (it loads a C module and platform)
+    return uuid.uuid4()
