@@ -17,6 +17,7 @@ class Image:
     commands do (e.g. convert's source: ``shared=NO_SHARE``); by default it reads (and
     unless read_only writes and resizes) and shares everything, like qemu-io.
     ``no_io`` opens for metadata only, as ``qemu-img info`` does: no permission taken.
+    The backend keeps no I/O statistics: no monitor can query an image's own backend.
     """
 
     def __init__(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
@@ -35,7 +36,8 @@ class Image:
                 perm |= Perm.WRITE | Perm.RESIZE
         if shared is None or force_share:
             shared = ALL_SHARED
-        self.backend = BlockBackend(self.graph, perm=perm, shared=shared)
+        self.backend = BlockBackend(self.graph, perm=perm, shared=shared,
+                                    accounting=False)
         try:
             self.backend.insert(self.node)
         except BaseException:

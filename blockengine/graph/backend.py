@@ -19,8 +19,8 @@ ALL_SHARED = Perm.all()
 NO_SHARE = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 
 
-def _now_ns() -> int:
-    return time.monotonic_ns()
+# QEMU_CLOCK_REALTIME for latency accounting (a module global: tests replace it)
+_now_ns = time.monotonic_ns
 
 
 class TimedAverage:
@@ -110,13 +110,14 @@ class BlockAcctStats:
     def done(self, kind: str, nbytes: int, start_ns: int) -> None:
         now = _now_ns()
         with self.lock:
-            if kind in self.bytes:
+            if nbytes:                  # flushes move no bytes (and have no byte count)
                 self.bytes[kind] += nbytes
             self.ops[kind] += 1
             self.total_time_ns[kind] += now - start_ns
             self.last_access_ns = now
-            for _, avgs in self.intervals:
-                avgs[kind].account(now - start_ns)
+            if self.intervals:
+                for _, avgs in self.intervals:
+                    avgs[kind].account(now - start_ns)
 
     def failed_op(self, kind: str, start_ns: int) -> None:
         now = _now_ns()
@@ -186,16 +187,20 @@ class BlockBackend:
 
     ``perm``/``shared`` are what the device takes and shares on its root; tools use
     exclusive sharing (NO_SHARE) like qemu-img, devices created over QMP share all.
+    Without ``accounting`` completed requests leave ``stats`` untouched: in QEMU the
+    device models account (block_acct_*), not blk_pread(), so a backend that no device
+    or monitor sees (the library's Image) need not pay for it on every request.
     """
 
     def __init__(self, graph, name: str | None = None, *, perm: Perm = Perm.CONSISTENT_READ,
                  shared: Perm = ALL_SHARED, removable: bool = False,
-                 dev_type: str = "unknown"):
+                 dev_type: str = "unknown", accounting: bool = True):
         self.graph = graph
         self.name = name
         self.perm, self.shared = perm, shared
         self.root = None
         self.stats = BlockAcctStats()
+        self.accounting = accounting
         self.removable = removable
         self.has_tray = removable
         self.dev_type = dev_type
@@ -289,6 +294,8 @@ class BlockBackend:
 
     # ---- I/O with accounting ----------------------------------------------------------------
     def _run(self, kind: str, fn, *args, nbytes: int = 0):
+        if not self.accounting:
+            return fn(*args)
         start = _now_ns()
         try:
             result = fn(*args)
@@ -306,17 +313,22 @@ class BlockBackend:
 
     def pread(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
-        self.preadv(offset, buf)
+        self.preadv(offset, buf, length)
         return buf
 
-    def preadv(self, offset: int, buf) -> None:
+    def preadv(self, offset: int, buf, nbytes: int | None = None) -> None:
+        """Read len(buf) bytes at offset into buf (``nbytes``: its size in bytes, when
+        the caller knows it)."""
         # _node(), _throttle() and _run() inlined: the per-read path of the library
-        n = memoryview(buf).nbytes
+        n = memoryview(buf).nbytes if nbytes is None else nbytes
         node = self.root_node
         if node is None or offset < 0 or offset + n > node.total_size:
             node = self._node("rd", offset, n)
         if self.throttle_group is not None:
             self.throttle_group.throttle(False, n)
+        if not self.accounting:
+            node.preadv(offset, buf)
+            return
         start = _now_ns()
         try:
             node.preadv(offset, buf)
@@ -333,6 +345,8 @@ class BlockBackend:
         return node
 
     def _wrote(self, offset: int, length: int) -> None:
+        if not self.accounting:
+            return
         with self.stats.lock:
             self.stats.wr_highest_offset = max(self.stats.wr_highest_offset, offset + length)
 

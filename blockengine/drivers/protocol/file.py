@@ -94,6 +94,12 @@ class FileDriver(BlockDriver):
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._check_type(st)
         self.alignment = self._probe_alignment() if self.node.cache_direct else 1
+        self._set_plain_fd()
+
+    def _set_plain_fd(self) -> None:
+        # plain_fd: the descriptor a format driver may pread its data from directly, as
+        # this node would (no bounce buffer, no alignment); None with O_DIRECT or closed
+        self.plain_fd = None if self.node.cache_direct else self.fd
 
     def _check_type(self, st) -> None:
         if stat.S_ISDIR(st.st_mode):
@@ -128,10 +134,12 @@ class FileDriver(BlockDriver):
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)     # also drops our OFD locks
             self.fd = None
+            self.plain_fd = None
 
     def reopen(self, read_only: bool) -> None:
         new_fd = self._open_fd(read_only)
         old, self.fd = self.fd, new_fd
+        self._set_plain_fd()
         os.close(old)             # locks are re-applied on the new fd by set_perm
         self.locked_perm, self.locked_unshared = Perm(0), Perm(0)
 

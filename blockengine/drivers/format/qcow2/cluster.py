@@ -12,6 +12,7 @@ the L2 table (qcow2_alloc_cluster_link_l2) and drop the old clusters' references
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from dataclasses import dataclass
 
@@ -36,6 +37,19 @@ _BE128_AT = struct.Struct(">QQ").unpack_from
 _PACK64_INTO = struct.Struct(">Q").pack_into
 _PACK128_INTO = struct.Struct(">QQ").pack_into
 INT_MAX = 0x7FFFFFFF
+# zeroes to copy from: a memoryview, so that slicing it copies nothing
+ZEROES = memoryview(bytes(1 << 20))
+
+
+def zero_fill(view: memoryview) -> None:
+    """Fill view with zero bytes."""
+    n = len(view)
+    if n <= len(ZEROES):
+        view[:] = ZEROES[:n]
+        return
+    for pos in range(0, n, len(ZEROES)):
+        k = min(n - pos, len(ZEROES))
+        view[pos:pos + k] = ZEROES[:k]
 
 
 @dataclass
@@ -282,6 +296,56 @@ class ClusterMixin:
                 sc += cnt
             i += 1
         return [tuple(r) for r in out]
+
+    def read_in_cluster(self, offset: int, buf: memoryview) -> bool:
+        """The small-read fast path: qcow2_get_host_offset() of one cluster then one
+        read.  ``buf`` must not cross a cluster boundary.  Handles a plain standard L2
+        entry (data, zero, unallocated) of an image without data file or encryption
+        and returns True; returns False having done nothing for anything else
+        (compressed, reserved bits, unaligned offsets: the general path classifies
+        them and signals corruption)."""
+        if self.extended or self.has_data_file or self.crypto is not None:
+            return False
+        cb = self.cluster_bits
+        l1_index = offset >> (cb + self.l2_bits)
+        if l1_index >= self.l1_size:
+            self._read_backing(offset, buf)
+            return True
+        cs = self.cluster_size
+        l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
+        if l2_offset & (cs - 1):
+            return False
+        if not l2_offset:
+            self._read_backing(offset, buf)
+            return True
+        l2_index = (offset >> cb) & (self.l2_size - 1)
+        per_slice = self.l2_slice_size
+        table = self.l2_cache.get(l2_offset + l2_index // per_slice * self.l2_slice_bytes)
+        e = _BE64_AT(table, (l2_index % per_slice) << 3)[0]
+        host = e & L2E_OFFSET_MASK
+        if e & _SCAN_BITS or host & (cs - 1):
+            return False
+        if e & QCOW_OFLAG_ZERO:
+            zero_fill(buf)
+        elif not host:
+            self._read_backing(offset, buf)
+        else:
+            self.data_file_read(host + (offset & (cs - 1)), buf)
+        return True
+
+    def data_file_read(self, host: int, buf: memoryview) -> None:
+        """Read buf at a host offset of the data file: straight from a plain file's
+        descriptor when it can (the file node's own checks would be no-ops for such a
+        request), else through the data file node (other protocols, O_DIRECT, errors,
+        short reads at EOF)."""
+        fd = getattr(self.data_file.drv, "plain_fd", None)
+        if fd is not None:
+            try:
+                if os.preadv(fd, (buf,), host) == len(buf):
+                    return
+            except OSError:
+                pass
+        self.data_file.preadv(host, buf)
 
     # ---- L1 table -----------------------------------------------------------------------
     def write_l1_entry(self, l1_index: int) -> None:

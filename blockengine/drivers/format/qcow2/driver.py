@@ -24,7 +24,7 @@ from ...base import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO, 
                      DriverInfo, DriverKind, PreallocMode, Status)
 from . import layout as L
 from .cache import Qcow2Cache, cache_sizes
-from .cluster import ClusterMixin, L2Meta, CowRegion
+from .cluster import ZEROES as _ZEROES, ClusterMixin, L2Meta, CowRegion, zero_fill as _zero
 from .compress import compress_many, decompress
 from .native import N
 from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCATED_PLAIN,
@@ -37,7 +37,6 @@ from . import overlap as OL
 from ...base import bool_option
 
 INT64_MAX = (1 << 63) - 1
-_ZEROES = bytes(1 << 20)
 
 # qcow2_create_opts in QEMU 7.2's order: the "Formatting ..." line follows it, and
 # `-o help` prints it sorted by name
@@ -791,8 +790,12 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
 
     # ================================================================ reads
     def preadv(self, offset: int, buf: memoryview) -> None:
-        self._check_usable()
-        self.preadv_internal(offset, buf)
+        if self.unusable:
+            self._check_usable()
+        # a request inside one cluster (the common small read) maps with one lookup
+        if ((offset & (self.cluster_size - 1)) + len(buf) > self.cluster_size
+                or not self.read_in_cluster(offset, buf)):
+            self.preadv_internal(offset, buf)
 
     def preadv_internal(self, offset: int, buf: memoryview) -> None:
         """qcow2_co_preadv_part()."""
@@ -801,7 +804,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             for n, t, host in self.get_host_runs(offset + pos, total - pos):
                 view = buf if n == total else buf[pos:pos + n]
                 if t == SC_NORMAL:
-                    self.data_file.preadv(host, view)
+                    self.data_file_read(host, view)
                     if self.crypto is not None:
                         # qcow2_co_preadv_encrypted(): LUKS tweaks by host sector
                         self.crypto.cipher.decrypt_into(host >> 9, view)
@@ -989,7 +992,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
                 pos = 0
                 while pos < num:
                     k = min(num - pos, len(_ZEROES))
-                    self.pwritev(offset + pos, memoryview(_ZEROES)[:k])
+                    self.pwritev(offset + pos, _ZEROES[:k])
                     pos += k
             offset += num
             length -= num
@@ -1276,14 +1279,3 @@ def _opened_for_check(options: dict) -> bool:
     """BDRV_O_CHECK: the image is opened by `qemu-img check` (the ``x-check`` option)."""
     return bool_option(options.get("x-check", False), "x-check")
 
-
-def _zero(view: memoryview) -> None:
-    n = len(view)
-    if n <= len(_ZEROES):
-        view[:] = _ZEROES[:n]
-    else:
-        pos = 0
-        while pos < n:
-            k = min(n - pos, len(_ZEROES))
-            view[pos:pos + k] = _ZEROES[:k]
-            pos += k
