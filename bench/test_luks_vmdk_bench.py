@@ -11,7 +11,7 @@ import os
 import pytest
 
 from blockengine.crypto.cipher import SectorCipher
-from blockengine.drivers.format.luks import LuksDriver
+from blockengine.drivers.format.luks.driver import LuksDriver
 from blockengine.drivers.format.vmdk import VmdkDriver
 from blockengine.graph.graph import Graph
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import sys
 
 from .. import QEMU_VERSION, __version__
@@ -157,6 +156,7 @@ def install_links(directory: str) -> list[str]:
 
 def _executable() -> str | None:
     """The blockengine program itself, if argv[0] is an executable (not a .py file)."""
+    import shutil       # only `link` needs it; it costs every command start-up ~2 ms
     argv0 = sys.argv[0] if sys.argv else ""
     found = shutil.which(argv0) if os.sep not in argv0 else argv0
     if not found or found.endswith(".py") or not os.access(found, os.X_OK):

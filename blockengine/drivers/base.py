@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from collections import namedtuple
 
 from ..errors import InvalidArgument, NotSupported
 from ..graph.perms import Perm
@@ -73,22 +73,17 @@ BLOCK_EOF = 0x20
 BLOCK_RECURSE = 0x40
 
 
-class Status(NamedTuple):
-    """Answer of block_status for the first ``length`` bytes of the range asked.
-
-    ``host_offset``/``host_node`` are meaningful when BLOCK_OFFSET_VALID is set; with
-    BLOCK_RAW they name where the generic layer must ask next.
-    """
-    flags: int
-    length: int
-    host_offset: int = 0
-    host_node: object = None
+# Answer of block_status for the first ``length`` bytes of the range asked.
+# ``host_offset``/``host_node`` are meaningful when BLOCK_OFFSET_VALID is set; with
+# BLOCK_RAW they name where the generic layer must ask next.  (collections' namedtuple,
+# not typing's: importing typing costs every command's start-up a few milliseconds.)
+Status = namedtuple("Status", "flags length host_offset host_node", defaults=(0, None))
 
 
 class BlockDriver:
     """Per-node driver state (QEMU's bs->drv + bs->opaque in one object)."""
 
-    info: ClassVar[DriverInfo]
+    info: DriverInfo            # a class attribute: set by each driver class
 
     def __init__(self, node):
         self.node = node

@@ -19,7 +19,7 @@ _DRIVERS = {
     "compress": "blockengine.drivers.filter.compress:CompressDriver",
     "qcow2": "blockengine.drivers.format.qcow2.driver:Qcow2Driver",
     "quorum": "blockengine.drivers.filter.quorum:QuorumDriver",
-    "luks": "blockengine.drivers.format.luks:LuksDriver",
+    "luks": "blockengine.drivers.format.luks.driver:LuksDriver",
     "vmdk": "blockengine.drivers.format.vmdk:VmdkDriver",
 }
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from blockengine.drivers.format.luks import LuksDriver
+from blockengine.drivers.format.luks.driver import LuksDriver
 from blockengine.graph.graph import Graph
 from tests.tooling import require_tool
 

@@ -12,7 +12,7 @@ from blockengine.crypto import afsplit
 from blockengine.crypto.cipher import IVGen, SectorCipher
 from blockengine.crypto.luks import (HEADER_SIZE, LuksBlock, LuksError, LuksHeader,
                                      splitkey_sectors)
-from blockengine.drivers.format.luks import LuksDriver
+from blockengine.drivers.format.luks.driver import LuksDriver
 from blockengine.errors import BlockError, InvalidArgument, InvalidImage
 from blockengine.graph.graph import Graph
 

@@ -1,4 +1,1 @@
-"""The LUKS1 format driver (QEMU's block/crypto.c over crypto/block-luks.c)."""
-from .driver import LuksDriver
-
-__all__ = ["LuksDriver"]
+"""The LUKS1 format driver (QEMU's block/crypto.c over crypto/block-luks.c): driver.py."""

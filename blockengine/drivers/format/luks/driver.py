@@ -14,6 +14,7 @@ from typing import NamedTuple
 from ....crypto.cipher import SECTOR_SIZE
 from ....crypto.luks import DEFAULT_ITER_TIME, KEYSLOT_STATES, AmendOptions, LuksBlock
 from ....errors import BlockError, InvalidArgument
+from .options import AMEND_OPTS
 from ...base import CreateOpt
 from ...base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BlockDriver, DriverInfo,
                      DriverKind, PreallocMode, Status)
@@ -32,17 +33,6 @@ CREATE_OPTS = (
     CreateOpt("hash-alg", "str", "Name of encryption hash algorithm"),
     CreateOpt("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 )
-
-# block_crypto_amend_opts_luks (qcow2 lists them with the "encrypt." prefix)
-AMEND_OPTS = (
-    CreateOpt("state", "str", "Select new state of affected keyslots (active/inactive)"),
-    CreateOpt("keyslot", "num", "Select a single keyslot to modify explicitly"),
-    CreateOpt("old-secret", "str", "Select all keyslots that match this password"),
-    CreateOpt("new-secret", "str",
-              "New secret to set in the matching keyslots. Empty string to erase"),
-    CreateOpt("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
-)
-
 
 def lookup_secret(secrets: dict | None, secret_id: str) -> bytes:
     """qcrypto_secret_lookup_as_utf8()."""

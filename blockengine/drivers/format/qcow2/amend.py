@@ -25,7 +25,7 @@ from itertools import groupby
 
 from ....errors import BlockError, CorruptImage, InvalidArgument, NotSupported
 from ...base import CreateOpt
-from ..luks.driver import AMEND_OPTS as LUKS_AMEND_OPTS, amend_keyslots
+from ..luks.options import AMEND_OPTS as LUKS_AMEND_OPTS
 from . import layout as L
 from . import overlap as OL
 from .native import N
@@ -142,6 +142,7 @@ def amend_options(s, opts: dict, force: bool, status_cb=None) -> None:
         progress.current = UPDATING_ENCRYPTION
         crypto_opts = {name[len(ENCRYPT_PREFIX):]: text for name, (text, _) in opts.items()
                        if name.startswith(ENCRYPT_PREFIX)}
+        from ..luks.driver import amend_keyslots
         amend_keyslots(s.crypto, s._crypto_hdr_read, partial(_crypto_hdr_write, s),
                        crypto_opts, force, getattr(s.node.graph, "secrets", None),
                        _encrypt_key_secret(s))
