@@ -8,7 +8,6 @@ conflict exactly when two QEMUs would.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import mmap
@@ -39,6 +38,7 @@ _libc = None
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with mode flags (os.posix_fallocate has none); libc loaded on first use."""
     global _libc
+    import ctypes           # here: most commands never allocate, and ctypes costs start-up
     if _libc is None:
         libc = ctypes.CDLL(None, use_errno=True)     # the running process's libc
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,

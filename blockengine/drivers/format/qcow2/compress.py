@@ -7,13 +7,10 @@ cluster, else the read fails with EIO as in QEMU.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 from ....errors import IOFailure
 from .layout import QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD
@@ -87,6 +84,7 @@ class _SystemZstd:
     ZSTD_reset_session_only = 1
 
     def __init__(self, lib):
+        import ctypes       # here, not at start-up of every command
         class Buffer(ctypes.Structure):
             _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t),
                         ("pos", ctypes.c_size_t)]
@@ -102,6 +100,7 @@ class _SystemZstd:
         self.lib = lib
 
     def compress(self, data) -> bytes | None:
+        import ctypes
         lib = self.lib
         cctx = getattr(_local, "cctx", None)
         if cctx is None:
@@ -130,6 +129,7 @@ _system_zstd_lib: list = []
 
 def _system_zstd() -> _SystemZstd | None:
     if not _system_zstd_lib:
+        import ctypes.util  # ~10 ms of imports (subprocess, shutil...): only when compressing
         try:
             lib = _SystemZstd(ctypes.CDLL(ctypes.util.find_library("zstd") or "libzstd.so.1"))
         except (OSError, AttributeError):
@@ -143,6 +143,7 @@ def compress_many(clusters: list, compression_type: int) -> list:
     if len(clusters) == 1:
         return [compress(clusters[0], compression_type)]
     global _pool
+    from concurrent.futures import ThreadPoolExecutor
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(min(MAX_THREADS, os.cpu_count() or 1),
