@@ -961,6 +961,8 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         chunks = [data[pos:pos + cs] for pos in range(0, nbytes, cs)]
         clusters = [c if len(c) == cs else bytes(c) + bytes(cs - len(c)) for c in chunks]
         compressed = compress_many(clusters, self.compression_type)
+        # host bytes of a freed compressed cluster may get the very same L2 entry again
+        self._decomp_cache = (None, None)
         for i, (chunk, out) in enumerate(zip(chunks, compressed)):
             guest = offset + i * cs
             if out is None:
