@@ -103,6 +103,30 @@ def test_write_blocking_concurrent_writes_match_model(ctx, images, tmp_path, see
     assert r.returncode == 0, r.stdout
 
 
+@pytest.mark.parametrize("end", ["complete", "cancel"])
+def test_write_blocking_ends_while_guest_writes(ctx, images, end):
+    """complete / cancel of a READY write-blocking mirror while a guest keeps writing:
+    the job ends (a synchronous write in flight holds the filter's lock that the job's
+    end waits for; it must not wait for the job in turn) and no write is lost."""
+    src, dst = images
+    ctx.add_raw("src", src)
+    ctx.add_raw("dst", dst)
+    blk = ctx.device("vda", "src")
+    model = bytearray(read(src))
+    w = Writer(blk, model, seed=4, zero_every=5)
+    ctx.cmd("blockdev-mirror", device="src", target="dst", sync="full",
+            **{"job-id": "m", "copy-mode": "write-blocking"})
+    ctx.events.wait("BLOCK_JOB_READY")
+    w.start()
+    w.wait_writes(100)
+    ctx.cmd("block-job-" + end, device="m")
+    assert "error" not in ctx.events.wait("BLOCK_JOB_COMPLETED", timeout=20)
+    w.wait_writes(100)
+    w.stop()
+    assert blk.root_node.node_name == ("dst" if end == "complete" else "src")
+    assert read(dst if end == "complete" else src) == bytes(model)
+
+
 def test_write_blocking_write_racing_the_initial_marking(ctx, images, monkeypatch):
     """A synchronous write that covers a chunk in part, while the job marks the whole
     image dirty (sync=full) between the write's look at the bitmap (chunk clean: not
