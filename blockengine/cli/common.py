@@ -12,10 +12,10 @@ import base64
 import re
 import sys
 
+from ..drivers.base import bool_option
 from ..errors import BlockError
-from ..graph.backend import ALL_SHARED, NO_SHARE, BlockBackend
+from ..graph.backend import NO_SHARE
 from ..graph.graph import Graph
-from ..graph.perms import Perm
 from ..image import Image
 from . import report
 from .opts import OptionError, parse_opts, strtosz, SizeError, unflatten
@@ -79,25 +79,6 @@ def _infer_protocols(options: dict) -> None:
             if "driver" not in value and "filename" in value:
                 value["driver"] = "file"
             _infer_protocols(value)
-
-
-class _OptionsImage(Image):
-    """An Image opened from BlockdevOptions (--image-opts) instead of a file name."""
-
-    def __init__(self, graph: Graph, options: dict, *, read_only: bool, shared, no_io):
-        self.graph = graph
-        self.node = graph.open_node(options, read_only=read_only)
-        perm = Perm(0) if no_io else Perm.CONSISTENT_READ
-        if not read_only:
-            perm |= Perm.WRITE | Perm.RESIZE
-        if shared is None or options.get("force-share"):
-            shared = ALL_SHARED
-        self.backend = BlockBackend(graph, perm=perm, shared=shared)
-        try:
-            self.backend.insert(self.node)
-        except BaseException:
-            graph.close_all()
-            raise
 
 
 class Session:
@@ -199,14 +180,10 @@ class Session:
             flat["force-share"] = "on"
         options = typed_blockdev_options(flat)
         options.update(extra or {})
-        if "driver" not in options:
-            ref = options.get("file")
-            if isinstance(ref, str):
-                raise BlockError("Cannot find device='%s' nor node-name='%s'" % (ref, ref))
-            if ref is None:
-                raise BlockError("Must specify either driver or file")
-        return _OptionsImage(graph, options, read_only=not writable, shared=shared,
-                             no_io=no_io)
+        # bdrv_open() without a file name: the format is probed unless given
+        return Image(None, read_only=not writable,
+                     force_share=bool_option(options.get("force-share"), "force-share"),
+                     graph=graph, shared=shared, no_io=no_io, options=options)
 
     @staticmethod
     def _probed_raw_warning(img: Image) -> None:

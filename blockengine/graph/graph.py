@@ -8,6 +8,7 @@ processes' image locks), then commit.  A failed check leaves the graph unchanged
 """
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import threading
@@ -16,6 +17,8 @@ from ..drivers.base import DriverKind
 from ..io.throttle import ThrottleGroups
 from ..errors import BlockError, InvalidArgument, PermissionConflict, prefixed
 from .child import BdrvChild, ChildRole
+from .filename import (infer_file_protocol, is_json_filename, join_options,
+                       missing_file, parse_json_filename)
 from .node import BlockNode, validate_node_name
 from .perms import Perm, perm_names
 from . import registry
@@ -123,10 +126,10 @@ class Graph:
         if ref == "" or "backing" in options and ref is None:
             return   # "backing": "" / null: no backing file
         if ref is None:
-            ref = node.drv.backing_options()
-            if ref is None:
-                return
             try:
+                ref = node.drv.backing_options()
+                if ref is None:
+                    return
                 backing = self.open_node(ref, read_only=True,
                                          inherit={"force-share": inherit.get("force-share",
                                                                              False)})
@@ -150,32 +153,54 @@ class Graph:
                    force_share: bool = False, options: dict | None = None,
                    backing: bool = True, cache_direct: bool = False,
                    no_flush: bool = False, no_io: bool = False) -> BlockNode:
-        """Open a file as qemu-img does: probe the format unless given, file protocol."""
-        options = dict(options or {})
+        """Open a file as qemu-img does: probe the format unless given, file protocol.
+
+        ``filename`` may be a json:{...} name (its options count below ``fmt`` and
+        ``options``), or None to open ``options`` alone (--image-opts).
+        """
+        options = copy.deepcopy(options or {})
+        if is_json_filename(filename):
+            join_options(options, parse_json_filename(filename))
+            filename = None
+        driver = options.pop("driver", None)
+        fmt = fmt if fmt is not None else driver
         # raw_parse_filename(): the file protocol's "file:" prefix
-        path = filename[5:] if filename.startswith("file:") else filename
-        file_opts = options.pop("file", None) or {"driver": "file", "filename": path}
-        if isinstance(file_opts, dict) and filename.startswith("json:"):
-            raise InvalidArgument("json: filenames are not supported here")
-        if fmt is None:
-            fmt = options.pop("driver", None)
+        path = filename[5:] if filename is not None and filename.startswith("file:") \
+            else filename
+        file_opts = options.pop("file", None)
+        if file_opts is None and path is not None:
+            file_opts = {"driver": "file", "filename": path}
+        else:
+            infer_file_protocol(file_opts)
+        if fmt is not None:
+            registry.get_driver(fmt)         # "Unknown driver" before anything else
         probed = fmt is None
         inherit = {"read-only": read_only, "force-share": force_share, "x-no-io": no_io}
         if cache_direct or no_flush:
             inherit["cache"] = {"direct": cache_direct, "no-flush": no_flush}
+        elif "cache" in options:
+            inherit["cache"] = options["cache"]    # --image-opts cache.*: children too
         if not probed and registry.has_driver(fmt) and \
                 registry.get_driver(fmt).info.kind is DriverKind.PROTOCOL:
             # a protocol driver as the format (-f file): the image is that node itself
-            opts = {**registry.get_driver(fmt).parse_filename(path), **options,
+            named = registry.get_driver(fmt).parse_filename(path) if path is not None else {}
+            opts = {**named, **options,
                     "driver": fmt, "read-only": read_only, "force-share": force_share}
             if "cache" in inherit:
                 opts["cache"] = inherit["cache"]
             return self.open_node(opts, inherit=inherit)
-        if probed:
+        if file_opts is None:
+            raise missing_file(fmt)
+        if probed and isinstance(file_opts, str):
+            protocol = self.lookup_node(file_opts, file_opts)    # "file": a node's name
+            fmt = registry.probe_format(
+                protocol.pread(0, min(registry.PROBE_BYTES, protocol.total_size)))
+            file_ref = file_opts
+        elif probed:
             protocol = self.open_node(dict(file_opts), inherit=inherit)
             try:
                 head = protocol.pread(0, min(registry.PROBE_BYTES, protocol.total_size))
-                fmt = registry.probe_format(head, filename)
+                fmt = registry.probe_format(head)
             except BaseException:
                 self.delete_node(protocol)
                 raise
@@ -194,7 +219,8 @@ class Graph:
         try:
             node = self.open_node(opts, inherit=inherit)
         except BaseException:
-            if probed and protocol.node_name in self.nodes and not protocol.parents:
+            if probed and not isinstance(file_opts, str) and \
+                    protocol.node_name in self.nodes and not protocol.parents:
                 protocol.monitor_owned = True      # opened just above: ours to delete
                 self.delete_node(protocol)
             raise

@@ -87,7 +87,13 @@ class JSONStreamer:
         return out
 
     def flush(self) -> list:
-        """End of input: an unfinished token is dropped, unfinished values are an error."""
+        """End of input (json_lexer_flush()): a pending number or keyword is a token,
+        any other unfinished token a stray error; then unfinished values are an error."""
+        state = self._state
+        if state in _TERMINAL:
+            self._emit(_TERMINAL[state])
+        elif state not in ("start", "recovery"):
+            self._error()
         self._state = "start"
         self._token.clear()
         self._process(EOI, b"")
@@ -488,14 +494,15 @@ def parse_json(text: str | bytes) -> Any:
     data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
     streamer = JSONStreamer()
     items = streamer.feed(data) + streamer.flush()
-    for item in items:
-        if isinstance(item, JSONParseError):
-            raise item
+    # consume_json(): the first error stands; a second value after a good one fails
     if not items:
         raise JSONParseError("Expecting a JSON value")
+    first = items[0]
+    if isinstance(first, JSONParseError):
+        raise first
     if len(items) > 1:
-        raise JSONParseError("JSON parse error, expecting value")
-    return items[0]
+        raise JSONParseError("Expecting at most one JSON value")
+    return first
 
 
 # ---- output -----------------------------------------------------------------------------

@@ -105,8 +105,11 @@ class RawDriver(BlockDriver):
         return self.file.drv.allocated_file_size()
 
     def refresh_filename(self) -> str | None:
-        if self.offset or self.has_size:
-            return None
+        strong = {k: self.node.options[k] for k in ("offset", "size")
+                  if k in self.node.options}
+        if strong:      # raw's strong_runtime_opts: a window is no plain file name
+            from ...graph.filename import json_filename
+            return json_filename("raw", strong, self.file)
         return self.file.filename()
 
     @classmethod

@@ -775,18 +775,10 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
     def backing_options(self) -> dict | None:
         if not self.backing_file:
             return None
-        from ....graph import registry
+        from ....graph.filename import backing_file_options
         from ....graph.graph import abspath_like_qemu
         path = abspath_like_qemu(self.file.filename(), self.backing_file)
-        fmt = self.image_backing_format
-        if fmt is None:
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(registry.PROBE_BYTES)
-                fmt = registry.probe_format(head, path)
-            except OSError:
-                fmt = "raw"
-        return {"driver": fmt, "file": {"driver": "file", "filename": path}}
+        return backing_file_options(path, self.image_backing_format)
 
     # ================================================================ reads
     def preadv(self, offset: int, buf: memoryview) -> None:
