@@ -150,6 +150,12 @@ def case_check_qcow2(work, size):
     return ["check", "-f", "qcow2", _qcow2_src(work, size)]
 
 
+def case_check_qcow2_fragmented(work, size):
+    """check where the metadata walk, not start-up, dominates: ~100k 4 KiB clusters."""
+    case_map_qcow2(work, size)
+    return ["check", "-f", "qcow2", os.path.join(work, "frag.qcow2")]
+
+
 def case_compare_qcow2(work, size):
     return ["compare", "-f", "qcow2", "-F", "raw", _qcow2_src(work, size), _raw_src(work, size)]
 
@@ -211,6 +217,36 @@ def case_convert_qcow2_luks_to_raw(work, size):
                                    "-O", "raw", os.path.join(work, "out.raw")]
 
 
+def _compressible_src(work: str, size: int) -> str:
+    """Half of it data that compresses (text, runs, some random 4 KiB blocks), the rest
+    zeroes: what `convert -c` is for."""
+    src = os.path.join(work, "compressible.raw")
+    if not os.path.exists(src):
+        rng = random.Random(3)
+        with open(src, "wb") as f:
+            f.truncate(size)
+            for off in range(0, size, 1 << 20):
+                if rng.random() < 0.5:
+                    continue
+                block = bytearray()
+                while len(block) < 1 << 20:
+                    kind = rng.randrange(4)
+                    if kind == 0:
+                        block += rng.randbytes(4096)
+                    elif kind == 1:
+                        block += bytes([rng.randrange(256)]) * 4096
+                    else:
+                        block += (b"line %d of some log text\n" % len(block) * 200)[:4096]
+                f.seek(off)
+                f.write(block[:1 << 20])
+    return src
+
+
+def case_convert_raw_to_qcow2_compressed(work, size):
+    return ["convert", "-c", "-f", "raw", "-O", "qcow2", _compressible_src(work, size),
+            os.path.join(work, "out.qcow2")]
+
+
 def case_convert_raw_to_vmdk_stream(work, size):
     return ["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
             _raw_src(work, size), os.path.join(work, "out.vmdk")]
@@ -222,8 +258,11 @@ CASES = [
     Case("compare raw/raw", case_compare_raw),
     Case("convert qcow2->raw", case_convert_qcow2_to_raw, ("qcow2",), ("out.raw",)),
     Case("convert raw->qcow2", case_convert_raw_to_qcow2, ("qcow2",), ("out.qcow2",)),
+    Case("convert raw->qcow2 -c", case_convert_raw_to_qcow2_compressed, ("qcow2",),
+         ("out.qcow2",)),
     Case("map qcow2 (~100k extents)", case_map_qcow2, ("qcow2",)),
     Case("check qcow2", case_check_qcow2, ("qcow2",)),
+    Case("check qcow2 4k clusters", case_check_qcow2_fragmented, ("qcow2",)),
     Case("compare qcow2/raw", case_compare_qcow2, ("qcow2",)),
     Case("convert raw->luks", case_convert_raw_to_luks, ("luks",), ("out.luks",)),
     Case("convert -n raw->luks", case_convert_raw_into_luks, ("luks",)),

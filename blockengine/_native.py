@@ -78,6 +78,7 @@ _API_NAMES = (
     "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
     "xor_into",
     "l2_map", "seek_map", "map_state", "map_feed", "map_finish",
+    "check_l2", "l2_copied_mismatches",
 )
 
 
@@ -437,6 +438,41 @@ def _build_api(ffi, lib) -> SimpleNamespace:
     MAP_CHUNK = 4096
     EXTERNAL = lib.BE_MAP_EXTERNAL
 
+    CHECK_SLOW = lib.BE_CHECK_SLOW
+
+    def check_l2(table, n_entries, extended, cluster_bits, file_len, imrt, order, imrt_n):
+        try:
+            counts = new_raw("uint64_t[]", 2)
+            tbuf = from_buffer("uint8_t[]", table)
+            ibuf = wbuf(imrt)
+            rc = lib.be_check_l2(tbuf, len(tbuf), n_entries, bool(extended), cluster_bits,
+                                 file_len, ibuf, len(ibuf), order, imrt_n, counts)
+        except OverflowError:
+            return _py.check_l2(table, n_entries, extended, cluster_bits, file_len, imrt,
+                                order, imrt_n)
+        if rc == CHECK_SLOW:
+            return None
+        if rc < 0:
+            fail(rc, "check_l2")
+        return counts[0], counts[1]
+
+    def l2_copied_mismatches(table, n_entries, extended, cluster_bits, imrt, order, imrt_n):
+        try:
+            out = new_raw("int64_t[]", max(n_entries, 1))
+            tbuf = from_buffer("uint8_t[]", table)
+            ibuf = from_buffer("uint8_t[]", imrt)
+            rc = lib.be_l2_copied_mismatches(tbuf, len(tbuf), n_entries, bool(extended),
+                                             cluster_bits, ibuf, len(ibuf), order, imrt_n,
+                                             out, max(n_entries, 1))
+        except OverflowError:
+            return _py.l2_copied_mismatches(table, n_entries, extended, cluster_bits, imrt,
+                                            order, imrt_n)
+        if rc == CHECK_SLOW:
+            return None
+        if rc < 0:
+            fail(rc, "l2_copied_mismatches")
+        return list(out[0:rc])
+
     def l2_map(table, start_index, count, cluster_bits, guest, skip, length,
                unalloc_flags, file):
         try:
@@ -602,4 +638,6 @@ seek_map = _impl.seek_map
 map_state = _impl.map_state
 map_feed = _impl.map_feed
 map_finish = _impl.map_finish
+check_l2 = _impl.check_l2
+l2_copied_mismatches = _impl.l2_copied_mismatches
 del _impl

@@ -75,6 +75,7 @@ __all__ = [
     "xor_into",
     "MAP_DATA", "MAP_ZERO", "MAP_PRESENT", "MAP_HAS_OFFSET", "MAP_STOP", "MAP_ENTRY",
     "l2_map", "seek_map", "map_state", "map_feed", "map_finish",
+    "check_l2", "l2_copied_mismatches",
 ]
 
 
@@ -867,3 +868,70 @@ def map_finish(state, names) -> tuple[bytes, bool]:
     out: list[str] = []
     ok = _map_print(state, state.curr, True, names, out)
     return "".join(out).encode(errors="surrogateescape"), ok
+
+
+# ------------------------------------------------------------------- check (check.c)
+def _check_args(table, n_entries: int, extended: bool, cluster_bits: int, imrt,
+                order: int, imrt_n: int) -> tuple[list[int], list[int]]:
+    """(entries, subcluster bitmaps) of a table, after check.c's argument checks."""
+    esz = 16 if extended else 8
+    mv = _bytes_view(table)
+    if not 9 <= cluster_bits <= 21 or not 0 <= n_entries <= len(mv) // esz or \
+            not 0 <= order <= 6 or not 0 <= imrt_n <= (len(_bytes_view(imrt)) * 8) >> order:
+        raise ValueError("check: invalid argument")
+    words = struct.unpack_from(">%dQ" % (n_entries * esz // 8), mv)
+    if extended:
+        return list(words[0::2]), list(words[1::2])
+    return list(words), [0] * n_entries
+
+
+def check_l2(table, n_entries: int, extended: bool, cluster_bits: int, file_len: int,
+             imrt, order: int, imrt_n: int) -> tuple[int, int] | None:
+    """check_refcounts_l2() of a whole table in the plain case: one IMRT reference per
+    referenced host cluster, and (allocated, fragmented) clusters; None, with the IMRT
+    unchanged, when an entry needs a message (see native/check.c)."""
+    entries, bitmaps = _check_args(table, n_entries, extended, cluster_bits, imrt,
+                                   order, imrt_n)
+    cs = 1 << cluster_bits
+    refs = []
+    fragmented = next_contig = 0
+    for e, bm in zip(entries, bitmaps):
+        if e & (QCOW_OFLAG_COMPRESSED | L2E_STD_RESERVED):
+            return None
+        off = e & L2E_OFFSET_MASK
+        if not off:
+            if extended and bm & L2_BITMAP_ALL_ALLOC:
+                return None
+            continue
+        if extended and (bm >> 32) & bm:
+            return None
+        if off & (cs - 1) or off >= file_len or off >> cluster_bits >= imrt_n:
+            return None
+        if next_contig and off != next_contig:
+            fragmented += 1
+        next_contig = off + cs
+        refs.append(off >> cluster_bits)
+    for k, cluster in enumerate(refs):
+        if refcount_add_range(imrt, order, cluster, 1, 1) != OK:
+            for back in refs[:k]:
+                refcount_add_range(imrt, order, back, 1, -1)
+            return None
+    return len(refs), fragmented
+
+
+def l2_copied_mismatches(table, n_entries: int, extended: bool, cluster_bits: int,
+                         imrt, order: int, imrt_n: int) -> list[int] | None:
+    """check_oflag_copied() of a whole table against refcounts equal to the IMRT's:
+    indexes of the entries whose OFLAG_COPIED disagrees with (refcount == 1); None if
+    an entry points beyond the IMRT."""
+    entries, _ = _check_args(table, n_entries, extended, cluster_bits, imrt, order, imrt_n)
+    out = []
+    for i, e in enumerate(entries):
+        off = e & L2E_OFFSET_MASK
+        if e & QCOW_OFLAG_COMPRESSED or not off:
+            continue
+        if off >> cluster_bits >= imrt_n:
+            return None
+        if (refcount_get(imrt, order, off >> cluster_bits) == 1) != bool(e & QCOW_OFLAG_COPIED):
+            out.append(i)
+    return out

@@ -36,6 +36,7 @@
 #define BE_ERANGE -3        /* index or length outside the buffer */
 #define BE_EOVERFLOW -4     /* refcount would exceed its maximum */
 #define BE_EUNDERFLOW -5    /* refcount would drop below zero */
+#define BE_CHECK_SLOW -6    /* check.c: this table needs the per-entry walk */
 
 /* Kinds of L2 runs (be_run.kind). */
 #define BE_L2_UNALLOCATED 0 /* no host offset, no zero flag */
@@ -224,6 +225,26 @@ int be_map_feed(be_map_state *st, const be_map_entry *entries, size_t n,
 /* Print the last entry (JSON without the trailing ",\n"). */
 int be_map_finish(be_map_state *st, const char *const *names, size_t nnames,
                   char *out, size_t out_len, size_t *written);
+
+/* --- check.c ------------------------------------------------------------- */
+/* check_refcounts_l2() of a whole L2 table (n_entries standard or extended
+ * entries, no data file) in the common case: adds one reference per
+ * referenced host cluster to the IMRT (imrt_n entries of width 1 << order)
+ * and returns BE_OK with counts[0] = allocated and counts[1] = fragmented
+ * clusters.  Returns BE_CHECK_SLOW, with the IMRT unchanged, when any entry
+ * needs a message: the caller then walks the table itself. */
+int be_check_l2(const uint8_t *table, size_t table_len, int64_t n_entries,
+                int extended, int cluster_bits, uint64_t file_len,
+                uint8_t *imrt, size_t imrt_len, int order, int64_t imrt_n,
+                uint64_t *counts);
+/* check_oflag_copied() of a whole L2 table against refcounts known to equal
+ * the IMRT's: writes the indexes of entries whose OFLAG_COPIED disagrees with
+ * (refcount == 1) to out and returns how many; BE_CHECK_SLOW if an entry
+ * points beyond the IMRT or out is full. */
+int64_t be_l2_copied_mismatches(const uint8_t *table, size_t table_len,
+                                int64_t n_entries, int extended, int cluster_bits,
+                                const uint8_t *imrt, size_t imrt_len, int order,
+                                int64_t imrt_n, int64_t *out, size_t max_out);
 
 /* END CDEF */
 

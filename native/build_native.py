@@ -19,7 +19,7 @@ import sys
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("l2.c", "refcount.c", "bitmap.c", "crypto.c", "map.c")
+SOURCES = ("l2.c", "refcount.c", "bitmap.c", "crypto.c", "map.c", "check.c")
 
 
 def _cdef_text() -> str:

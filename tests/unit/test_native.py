@@ -776,3 +776,76 @@ def test_large_buffers_by_hand(be):
     assert not be.buffer_is_zero(data)
     assert be.buffer_is_zero(data, 0, len(data) - 1)
     assert be.zero_runs(data, 1 << 20) == [(0, 2 << 20, True), (2 << 20, 1 << 20, False)]
+
+
+# ------------------------------------------------ check: bulk L2 walks of `img check`
+@st.composite
+def check_tables(draw, extended):
+    """An L2 table whose host clusters mostly fall inside a small IMRT, with now and
+    then an entry the per-entry walk must report (reserved bits, compressed,
+    misaligned, beyond the file or the IMRT, broken subcluster bitmap)."""
+    cb = draw(st.integers(9, 16))
+    imrt_n = draw(st.integers(1, 64))
+    n = draw(st.integers(0, 24))
+    entries = []
+    for _ in range(n):
+        copied = draw(st.booleans()) << 63
+        host = draw(st.integers(1, imrt_n - 1)) if imrt_n > 1 else 0
+        kind = draw(st.sampled_from(["unalloc", "normal", "normal", "normal", "zero",
+                                     "zalloc", "odd"]))
+        if kind == "unalloc":
+            e = copied
+        elif kind == "normal":
+            e = copied | host << cb
+        elif kind == "zero":
+            e = copied | 1
+        elif kind == "zalloc":
+            e = copied | 1 | host << cb
+        else:
+            e = draw(st.sampled_from([1 << 62 | host << cb, 1 << 40 | host << cb,
+                                      (host << cb) + 512, imrt_n + 3 << cb, 1 << 57]))
+        bm = draw(st.sampled_from([0, 0, 0xFFFFFFFF, 1 << 32, 3 | 3 << 32])) if extended else 0
+        entries.append((e, bm))
+    fmt = ">QQ" if extended else ">Q"
+    table = b"".join(struct.pack(fmt, *((e, bm) if extended else (e,))) for e, bm in entries)
+    order = draw(st.integers(0, 6))
+    imrt = bytearray(max(8, -(-(imrt_n << order) // 64) * 8))
+    for i in draw(st.lists(st.integers(0, imrt_n - 1), max_size=8)):
+        PY.refcount_set_range(imrt, order, i, 1, draw(st.sampled_from(
+            [1, (1 << (1 << order)) - 1, min(2, (1 << (1 << order)) - 1)])))
+    file_len = draw(st.sampled_from([imrt_n << cb, (imrt_n - 2) << cb, 1 << 62]))
+    return table, n, cb, file_len, imrt, order, imrt_n
+
+
+@SETTINGS
+@given(data=st.data(), extended=st.booleans())
+def test_check_l2_same(data, extended):
+    table, n, cb, file_len, imrt, order, imrt_n = data.draw(check_tables(extended))
+    same("check_l2", table, n, extended, cb, file_len, imrt, order, imrt_n)
+    same("l2_copied_mismatches", table, n, extended, cb, imrt, order, imrt_n)
+
+
+def test_check_l2_by_hand(be):
+    cb = 16
+    # clusters 2, 3 (contiguous), 7 (a jump), a zero-alloc 9; unallocated/zero skipped
+    table = _l2(COPIED | 2 << cb, COPIED | 3 << cb, 0, 1, 7 << cb, 1 | 9 << cb)
+    imrt = bytearray(32)                # 16-bit refcounts of clusters 0..15
+    assert be.check_l2(table, 6, False, cb, 16 << cb, imrt, 4, 16) == (4, 2)
+    assert [be.refcount_get(imrt, 4, i) for i in (2, 3, 7, 9, 5)] == [1, 1, 1, 1, 0]
+    # refcount 1 where COPIED is clear (7, 9), none where it is set
+    assert be.l2_copied_mismatches(table, 6, False, cb, imrt, 4, 16) == [4, 5]
+    # a second reference of cluster 3 overflows 1-bit refcounts: nothing changes
+    one_bit = bytearray(8)
+    dup = _l2(2 << cb, 3 << cb, 3 << cb)
+    assert be.check_l2(dup, 3, False, cb, 16 << cb, one_bit, 0, 16) is None
+    assert one_bit == bytearray(8)
+    # entries needing a message: reserved bits, compressed, misaligned, past the file
+    for bad in (1 << 40 | 2 << cb, COMPRESSED | 2 << cb, (2 << cb) + 512, 20 << cb):
+        fresh = bytearray(32)
+        assert be.check_l2(_l2(2 << cb, bad), 2, False, cb, 16 << cb, fresh, 4, 16) is None
+        assert fresh == bytearray(32)
+    # an extended entry whose subcluster is both allocated and zero
+    ext = struct.pack(">QQ", 2 << cb, 1 | 1 << 32)
+    assert be.check_l2(ext, 1, True, cb, 16 << cb, bytearray(32), 4, 16) is None
+    with pytest.raises(ValueError):
+        be.check_l2(table, 7, False, cb, 16 << cb, bytearray(32), 4, 16)

@@ -44,6 +44,7 @@ from . import overlap as OL
 from .sparse import nonzero_indexes
 
 CHECK_FRAG_INFO = 2
+_BE64 = struct.Struct(">Q")
 _NONZERO = re.compile(rb"[^\x00]")
 FIX_LEAKS, FIX_ERRORS = 1, 2
 INT64_MAX = (1 << 63) - 1
@@ -252,12 +253,21 @@ class Checker:
             self.msg("ERROR: I/O error in check_refcounts_l2")
             res["check-errors"] += 1
             raise _fail(e.errno or errno.EIO) from None
+        frag = flags & CHECK_FRAG_INFO
+        has_df = s.has_data_file
+        if not has_df:
+            # a healthy table is counted in bulk; one needing a message is walked below
+            counts = N.check_l2(raw, s.l2_size, ext, s.cluster_bits, s.file.total_size,
+                                imrt.buf, imrt.order, imrt.n)
+            if counts is not None:
+                if frag:
+                    res["allocated-clusters"] += counts[0]
+                    res["fragmented-clusters"] += counts[1]
+                return
         words = struct.unpack(">%dQ" % (len(raw) // 8), raw)
         step = 2 if ext else 1
         table = bytearray(raw)
         next_contig = 0
-        frag = flags & CHECK_FRAG_INFO
-        has_df = s.has_data_file
         used = map(operator.or_, words[0::2], words[1::2]) if ext else words
         for i in compress(range(s.l2_size), used):      # entries with any bit set
             e = words[i * step]
@@ -496,6 +506,7 @@ class Checker:
         s = self.s
         rbb, rbs = s.refcount_block_bits, s.refcount_block_size
         highest = 0
+        self.stored_equals_imrt = True
         i = 0
         n = imrt.n
         tbl = s.refcount_table
@@ -516,6 +527,8 @@ class Checker:
             k = min(rbs - (i & (rbs - 1)), n - i)
             computed = N.refcount_get_range(imrt.buf, imrt.order, i, k)
             stored = self._stored_range(ti, i & (rbs - 1), k)
+            if stored != computed:
+                self.stored_equals_imrt = False
             if stored is None:
                 # the refblock offset is invalid: every lookup fails (QEMU's per-cluster
                 # loop).  Once the image is marked corrupt, every other lookup in this
@@ -710,7 +723,8 @@ class Checker:
         s.set_refcount_table(rt_off, reftable)
 
     # ---- OFLAG_COPIED -------------------------------------------------------------------
-    def check_oflag_copied(self, res, fix: int) -> None:
+    def check_oflag_copied(self, res, fix: int, imrt: IMRT | None = None) -> None:
+        """check_oflag_copied(); ``imrt``: refcounts equal to the stored ones, if known."""
         s = self.s
         cb, cs = s.cluster_bits, s.cluster_size
         if fix & FIX_ERRORS:
@@ -753,10 +767,16 @@ class Checker:
                 res["check-errors"] += 1
                 raise _fail(e.errno or errno.EIO) from None
             table = bytearray(raw)
-            words = struct.unpack(">%dQ" % (len(raw) // 8), raw)
             dirty = 0
-            for j in compress(range(s.l2_size), words[0::step]):    # nonzero entries
-                e = words[j * step]
+            suspects = None
+            if imrt is not None and not s.has_data_file:
+                suspects = N.l2_copied_mismatches(raw, s.l2_size, ext, cb, imrt.buf,
+                                                  imrt.order, imrt.n)
+            if suspects is None:
+                words = struct.unpack(">%dQ" % (len(raw) // 8), raw)
+                suspects = compress(range(s.l2_size), words[0::step])   # nonzero entries
+            for j in suspects:
+                e = _BE64.unpack_from(raw, j * step * 8)[0]
                 t = s.cluster_type(e)
                 if t not in (CL_NORMAL, CL_ZERO_ALLOC):
                     continue
@@ -812,6 +832,9 @@ class Checker:
         self.calculate(res, imrt, fix)
         pre = dict(res)
         highest = self.compare(res, imrt, 0)
+        # the stored refcounts are the IMRT's (no repair below changes any): the
+        # OFLAG_COPIED check can read them from it in bulk
+        exact = imrt if self.stored_equals_imrt and not self.rebuild else None
         if self.rebuild and fix & FIX_ERRORS:
             old = dict(res)
             fresh_leaks = 0
@@ -849,7 +872,7 @@ class Checker:
             s.flush_caches()
         except BlockError:
             pass
-        self.check_oflag_copied(res, fix)
+        self.check_oflag_copied(res, fix, exact)
         res["image-end-offset"] = (highest + 1) * cs
         return res
 
