@@ -74,7 +74,7 @@ _API_NAMES = (
     "bitmap_set_range", "bitmap_reset_range", "bitmap_count",
     "bitmap_next_set", "bitmap_next_clear", "bitmap_next_dirty_area",
     "bitmap_merge_or", "bitmap_serialize", "bitmap_deserialize",
-    "buffer_is_zero", "zero_runs",
+    "buffer_is_zero", "buffers_equal", "zero_runs",
     "sector_ivs", "xts_xor", "cbc_decrypt_xor", "cbc_encrypt_step", "ctr_counters",
     "xor_into",
     "l2_map", "seek_map", "map_state", "map_feed", "map_finish",
@@ -346,6 +346,10 @@ def _build_api(ffi, lib) -> SimpleNamespace:
             raise IndexError(f"buffer_is_zero: range [{offset}, {offset}+{length}) "
                              f"outside [0, {size})")
         return bool(lib.be_buffer_is_zero(b + offset, length))
+
+    def buffers_equal(a, b):
+        ba, bb = from_buffer("uint8_t[]", a), from_buffer("uint8_t[]", b)
+        return bool(lib.be_buffers_equal(ba, len(ba), bb, len(bb)))
 
     def zero_runs(buf, granularity):
         try:
@@ -626,6 +630,7 @@ bitmap_merge_or = _impl.bitmap_merge_or
 bitmap_serialize = _impl.bitmap_serialize
 bitmap_deserialize = _impl.bitmap_deserialize
 buffer_is_zero = _impl.buffer_is_zero
+buffers_equal = _impl.buffers_equal
 zero_runs = _impl.zero_runs
 sector_ivs = _impl.sector_ivs
 xts_xor = _impl.xts_xor

@@ -136,6 +136,8 @@ int be_bitmap_deserialize(uint8_t *buf, size_t len, int64_t start, int64_t n,
 
 /* Zero detection over plain byte buffers (any length). */
 int be_buffer_is_zero(const uint8_t *buf, size_t len);
+/* 1 iff both buffers have the same length and bytes (memcmp). */
+int be_buffers_equal(const uint8_t *a, size_t a_len, const uint8_t *b, size_t b_len);
 /* Like be_l2_scan: writes at most max_runs complete runs of the buffer from
  * byte offset start (a multiple of granularity); resume at the end of the
  * last run. */

@@ -320,6 +320,11 @@ int be_buffer_is_zero(const uint8_t *buf, size_t len)
     return is_zero(buf, len);
 }
 
+int be_buffers_equal(const uint8_t *a, size_t a_len, const uint8_t *b, size_t b_len)
+{
+    return a_len == b_len && memcmp(a, b, a_len) == 0;
+}
+
 int64_t be_zero_runs(const uint8_t *buf, size_t len, int64_t start,
                      int64_t granularity, be_zrun *runs, size_t max_runs)
 {

@@ -26,11 +26,12 @@ import threading
 from .. import _native
 from ..drivers.base import BLOCK_DATA, BLOCK_ZERO
 from ..errors import BlockError
+from ..io.buffers import io_buffer
 from .imageinfo import StatusCursor, cluster_size
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
-COMPRESSED_BATCH = 2 << 20                  # -c: bytes of clusters compressed together
+COMPRESSED_BATCH = 4 << 20                  # -c: bytes of clusters compressed together
 MAX_BUF_SECTORS = 32768                     # 16 MiB, the -S upper bound
 MAX_REQUEST_SECTORS = (1 << 31) // SECTOR - 8   # BDRV_REQUEST_MAX_SECTORS-ish bound
 BLK_ZERO, BLK_DATA, BLK_BACKING_FILE = "zero", "data", "backing"
@@ -302,7 +303,7 @@ class Converter:
         except BlockError as e:
             raise CopyError("writing", 0, e) from e
 
-    def _write_compressed(self, sector_num: int, nb: int, buf: bytearray,
+    def _write_compressed(self, sector_num: int, nb: int, buf: memoryview,
                           status: str) -> None:
         """convert_co_write() with -c, for _run_compressed()'s batches."""
         if status == BLK_DATA:
@@ -312,7 +313,7 @@ class Converter:
         elif status == BLK_ZERO and not self.has_zero_init:
             self.target.write_zeroes(sector_num * SECTOR, nb * SECTOR, True)
 
-    def _read(self, sector_num: int, n: int, buf: bytearray) -> None:
+    def _read(self, sector_num: int, n: int, buf: memoryview) -> None:
         """convert_co_read(): fill buf with n sectors, crossing source boundaries."""
         pos = 0
         while n > 0:
@@ -330,7 +331,7 @@ class Converter:
             sector_num += cur
             n -= cur
 
-    def _write(self, sector_num: int, nb: int, buf: bytearray, status: str) -> None:
+    def _write(self, sector_num: int, nb: int, buf: memoryview, status: str) -> None:
         """convert_co_write(): data, zeroes or nothing, range by range."""
         zmap = _ZeroMap(buf, nb) if status == BLK_DATA and self.min_sparse else None
         idx = 0
@@ -380,7 +381,7 @@ class _WriteBehind:
         self._write = write
         self._free: queue.Queue = queue.Queue()
         for _ in range(self.BUFFERS):
-            self._free.put(bytearray(buf_size))
+            self._free.put(io_buffer(buf_size))
         self._todo: queue.Queue = queue.Queue()
         self._error: CopyError | None = None
         self._thread = threading.Thread(target=self._main, name="convert-writer",
@@ -412,12 +413,12 @@ class _WriteBehind:
         if self._error is not None:
             raise self._error
 
-    def free_buffer(self) -> bytearray:
+    def free_buffer(self) -> memoryview:
         buf = self._free.get()
         self._raise_error()
         return buf
 
-    def submit(self, sector: int, n: int, buf: bytearray, status: str) -> None:
+    def submit(self, sector: int, n: int, buf: memoryview, status: str) -> None:
         self._raise_error()
         self._todo.put((sector, n, buf, status))
 

@@ -17,7 +17,8 @@ from ..drivers.base import BLOCK_ALLOCATED, BLOCK_ZERO, PreallocMode
 from ..errors import BlockError, NotSupported
 from ..graph import registry
 from . import report
-from .common import DEFAULT_CACHE, Session, parse_cache
+from .common import (DEFAULT_CACHE, SNAPSHOT_OPT_BASE, Session, load_snapshot,
+                     parse_cache, parse_snapshot_param)
 from .create import create_options, find_format, img_create, option_help
 from .getopt import NO_ARG, REQUIRED_ARG, GetOpt, LongOpt
 from ..info import image_info
@@ -336,7 +337,7 @@ def cmd_convert(argv: list[str]) -> int:
     # the copy loop (and the native helpers it needs) load only for convert
     from .convert import MAX_BUF_SECTORS, Converter, CopyError, has_zero_init
     session = Session()
-    fmt = out_fmt = options = out_baseimg = backing_fmt = snapshot = None
+    fmt = out_fmt = options = out_baseimg = backing_fmt = snapshot_name = sn_opts = None
     cache, src_cache = "unsafe", DEFAULT_CACHE
     min_sparse, explicit_sparse = 8 * SECTOR, False
     compressed = skip_create = progress = quiet = force_share = False
@@ -362,7 +363,10 @@ def cmd_convert(argv: list[str]) -> int:
         elif key == "o":
             options = _accumulate_options(options, arg)
         elif key == "l":
-            snapshot = arg
+            if arg.startswith(SNAPSHOT_OPT_BASE):
+                sn_opts = parse_snapshot_param(arg)
+            else:
+                snapshot_name = arg
         elif key == "S":
             min_sparse = _cvtnum("buffer size for sparse output", arg)
             if min_sparse % SECTOR or min_sparse // SECTOR > MAX_BUF_SECTORS:
@@ -440,10 +444,11 @@ def cmd_convert(argv: list[str]) -> int:
             images.append(session.open(name, fmt, image_opts=image_opts,
                                        force_share=force_share, cache=src_cache,
                                        exclusive=True))
-        if snapshot is not None:
-            raise report.fail("Failed to load snapshot: Block format '%s' used by device '' "
-                              "does not support temporarily loading internal snapshots"
-                              % images[0].node.driver_name)
+        # the first source shows the snapshot (only it, as in QEMU, for snapshot.*)
+        if snapshot_name is not None and sn_opts is None and len(images) > 1:
+            raise report.fail("No support for concatenating multiple snapshot")
+        if snapshot_name is not None or sn_opts is not None:
+            load_snapshot(images[0].node, snapshot_name, sn_opts)
         total = sum(-(-img.size // SECTOR) for img in images) * SECTOR
         key_secrets = {}
         if not skip_create:
@@ -604,7 +609,9 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
     offset = 0
     cur1, cur2 = StatusCursor(img1.node), StatusCursor(img2.node)
     # two reused buffers: a fresh one per read would cost more than the read
-    buf1, buf2 = memoryview(bytearray(IO_BUF_SIZE)), memoryview(bytearray(IO_BUF_SIZE))
+    from .. import _native
+    from ..io.buffers import io_buffer
+    buf1, buf2 = io_buffer(IO_BUF_SIZE), io_buffer(IO_BUF_SIZE)
     while offset < total:
         st1 = _status(cur1, offset, size1 - offset, name1)
         st2 = _status(cur2, offset, size2 - offset, name2)
@@ -620,7 +627,7 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
                 chunk = min(chunk, IO_BUF_SIZE)
                 data1 = _read(img1, offset, buf1[:chunk], name1)
                 data2 = _read(img2, offset, buf2[:chunk], name2)
-                if not _equal(data1, data2):
+                if not _native.buffers_equal(data1, data2):
                     report.qprint(quiet, "Content mismatch at offset %d!\n"
                                   % (offset + _same_prefix(data1, data2)))
                     return 1
@@ -664,12 +671,6 @@ def _read(img, offset, buf: memoryview, name) -> memoryview:
     except BlockError as e:
         raise report.fail("Error while reading offset %d of %s: %s"
                           % (offset, name, _strerror(e)), 4)
-
-
-def _equal(head: memoryview, other: memoryview) -> bool:
-    """head == other at memcmp speed, for a view of the start of a bytearray
-    (memoryview's own == compares item by item)."""
-    return len(head) == len(other) and head.obj.startswith(other)
 
 
 def _same_prefix(a: bytes, b: bytes) -> int:
