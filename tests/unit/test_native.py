@@ -849,3 +849,30 @@ def test_check_l2_by_hand(be):
     assert be.check_l2(ext, 1, True, cb, 16 << cb, bytearray(32), 4, 16) is None
     with pytest.raises(ValueError):
         be.check_l2(table, 7, False, cb, 16 << cb, bytearray(32), 4, 16)
+
+
+@SETTINGS
+@given(a=sparse_bytes(max_words=16), data=st.data())
+def test_buffers_equal_same(a, data):
+    b = bytearray(a)
+    if b and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(b) - 1))
+        b[i] ^= data.draw(st.integers(1, 255))
+    if data.draw(st.booleans()):
+        b = b[:data.draw(st.integers(0, len(b)))]
+    result = same("buffers_equal", a, b)
+    assert result == ("ok", bytes(a) == bytes(b))
+
+
+def test_io_buffer_is_aligned_zeroed_and_writable():
+    import ctypes
+    from blockengine.io.buffers import HUGE_PAGE, io_buffer
+    for size in (4096, HUGE_PAGE, 3 * HUGE_PAGE + 512):
+        buf = io_buffer(size)
+        assert (len(buf), buf.format, buf.readonly) == (size, "B", False)
+        assert _native.buffer_is_zero(buf)
+        buf[-3:] = b"end"
+        assert bytes(buf[-3:]) == b"end"
+        if size >= HUGE_PAGE:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            assert address % HUGE_PAGE == 0
