@@ -8,7 +8,6 @@ being printed, so commands stay linear.
 """
 from __future__ import annotations
 
-import base64
 import re
 import sys
 
@@ -127,6 +126,7 @@ class Session:
         else:
             raw = data.encode()
         if fmt == "base64":
+            import base64       # rare: not worth its start-up cost on every command
             try:
                 raw = base64.b64decode(raw, validate=True)
             except ValueError:

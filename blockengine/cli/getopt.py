@@ -16,19 +16,19 @@ or ambiguous option, both with ``word`` = argv[optind - 1] for the caller's mess
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .._record import record
 
 NO_ARG, REQUIRED_ARG, OPTIONAL_ARG = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LongOpt:
     name: str
     has_arg: int
     key: str           # what next() returns as Opt.key: a short letter or a long name
 
 
-@dataclass
+@record
 class Opt:
     key: str                 # option letter, LongOpt.key, ':' (missing arg) or '?' (unknown)
     arg: str | None = None

@@ -9,9 +9,9 @@ NotSupported) has no checks, so new formats plug in without CLI changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from .. import _native
+from .._record import record
 from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO)
 from ..errors import BlockError, NotSupported
 
@@ -31,7 +31,7 @@ def cluster_size(node) -> int:
 
 
 # ---- map -----------------------------------------------------------------------------------------
-@dataclass
+@record
 class MapEntry:
     """One run of `img map` output; offset/filename are None when not known."""
     start: int

@@ -22,9 +22,9 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable      # not typing: its import costs start-up
 
+from .._record import record
 from ..drivers.base import BLOCK_ALLOCATED, DriverKind, PreallocMode
 from ..errors import BlockError, NotSupported
 from ..graph.backend import ALL_SHARED, BlockBackend
@@ -333,7 +333,7 @@ class Args:
 
 
 # ---- the open image ---------------------------------------------------------------------------
-@dataclass
+@record
 class OpenFlags:
     """What -r/-s/-n/-C/-k/-i/-t/-d/-U select, on the command line and for 'open'."""
     read_only: bool = False
@@ -1027,7 +1027,7 @@ def help_f(ctx, cmd, argv) -> int:
 UNLIMITED = -1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Command:
     name: str
     func: Callable

@@ -14,8 +14,8 @@ lines after it), never prints.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from .._record import record
 from ..errors import InvalidArgument
 from .report import PROG
 
@@ -216,7 +216,7 @@ _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OptDesc:
     """One QemuOptDesc: name, type, help text and default (as QEMU prints it)."""
     name: str

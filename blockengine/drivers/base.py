@@ -11,9 +11,9 @@ does with -ENOTSUP (a zero write becomes a data write, a discard is ignored).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from collections import namedtuple
 
+from .._record import record
 from ..errors import InvalidArgument, NotSupported
 from ..graph.perms import Perm
 
@@ -24,7 +24,7 @@ class DriverKind(enum.Enum):
     FILTER = "filter"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CreateOpt:
     """One `img create -o` option (QEMU's QemuOptDesc): type 'str', 'bool', 'num' or 'size'."""
     name: str
@@ -33,13 +33,13 @@ class CreateOpt:
     default: str | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DriverInfo:
     name: str
     kind: DriverKind
     supports_backing: bool = False
     # `img create -o` options in QEMU's order (CreateOpt, or bare names of 'str' options)
-    create_opts: tuple = field(default=())
+    create_opts: tuple = ()
 
 
 def bool_option(value, name: str) -> bool:

@@ -1,7 +1,7 @@
 """Edges of the node graph: a parent uses a child node in a role, with permissions."""
 import enum
-from dataclasses import dataclass, field
 
+from .._record import factory, record
 from .perms import Perm
 
 
@@ -19,7 +19,7 @@ class ChildRole(enum.IntFlag):
         return cls.DATA | cls.METADATA | cls.PRIMARY
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class BdrvChild:
     """One parent -> child edge.  ``parent`` is a BlockNode or a BlockBackend."""
     name: str                # 'file', 'backing', 'data-file', 'children.0', 'root'
@@ -27,7 +27,7 @@ class BdrvChild:
     parent: object
     node: object             # the child BlockNode
     perm: Perm = Perm(0)
-    shared: Perm = field(default_factory=Perm.all)
+    shared: Perm = factory(Perm.all)
 
     def user_desc(self) -> str:
         """How QEMU names the user of this edge in permission errors."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
+from .._record import factory, record
 from ..errors import InvalidArgument
 
 NANOSECONDS_PER_SECOND = 1_000_000_000
@@ -30,7 +30,7 @@ BUCKETS = (
 )
 
 
-@dataclass
+@record
 class LeakyBucket:
     avg: float = 0.0
     max: float = 0.0
@@ -64,10 +64,10 @@ class LeakyBucket:
         return 0
 
 
-@dataclass
+@record
 class ThrottleConfig:
     """Limits as block_set_io_throttle takes them (0 = unlimited)."""
-    buckets: dict = field(default_factory=lambda: {key: LeakyBucket() for key, *_ in BUCKETS})
+    buckets: dict = factory(lambda: {key: LeakyBucket() for key, *_ in BUCKETS})
     op_size: int = 0
 
     @classmethod

@@ -95,6 +95,7 @@ CONVERT_CASES = {
     "backing-zstd": ["-B", "base.qcow2", "-F", "qcow2", "-o", "compression_type=zstd",
                      "top.qcow2"],
     "qcow2-source": ["-o", "cluster_size=16k", "top.qcow2"],
+    "progress": ["-p", "-o", "cluster_size=1M", "odd.raw"],
 }
 
 
@@ -169,7 +170,7 @@ IO_SCRIPT = (
 @pytest.mark.parametrize("opts", ["", "extended_l2=on", "compat=0.10",
                                   "compression_type=zstd", "cluster_size=4k",
                                   "refcount_bits=1"])
-def test_io_write_c_matches_qemu_io(tmp_path, opts, be_bindir):
+def test_io_write_c_matches_qemu_io(tmp_path, opts):
     pair = Pair(tmp_path)
     rand = random.Random(3).randbytes(64 * KiB)
     for d in pair.dirs.values():
@@ -215,6 +216,23 @@ def test_io_write_c_data_file(tmp_path):
              cwd=d)
     pair.compare(cmds("write -c 0 64k", "write -P 1 0 64k", "read -P 1 0 64k")
                  + ["c.qcow2"])
+
+
+@pytest.mark.parametrize("size", ["1M", "1000k"])
+def test_compress_filter_matches_qemu_io(tmp_path, size):
+    """Plain writes through a ``compress`` filter node (--image-opts): padded to whole
+    clusters, stored compressed; EIO over allocated clusters, ENOTSUP for write -c;
+    an image size that is not a multiple of the cluster size refuses writing."""
+    pair = Pair(tmp_path)
+    for d in pair.dirs.values():
+        qimg("create", "-q", "-f", "qcow2", "c.qcow2", size, cwd=d)
+    opts = "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename=c.qcow2"
+    pair.compare(["--image-opts", *cmds(
+        "write -P 1 0 64k", "write -P 2 64k 1k", "write -P 3 70k 1k", "write 960k 40k",
+        "read -P 2 64k 1k", "read -P 0 65k 63k", "read -v 999k 16", "write -z 128k 64k",
+        "write -P 5 0 64k", "write -P 6 192k 1k", "discard 192k 64k", "write -P 7 192k 64k",
+        "write -c -P 8 320k 64k", "map"), opts])
+    assert pair.read("ours", "c.qcow2") == pair.read("qemu", "c.qcow2")
 
 
 # ---- random workloads: model and qemu-img check ---------------------------------------

@@ -14,8 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from dataclasses import dataclass
 
+from ...._record import record
 from ....errors import BlockError, NotSupported
 from .layout import (BDRV_REQUEST_MAX_BYTES, CL_COMPRESSED, CL_NORMAL, CL_UNALLOCATED,
                      CL_ZERO_ALLOC, CL_ZERO_PLAIN, L1E_OFFSET_MASK, L1E_SIZE,
@@ -52,13 +52,13 @@ def zero_fill(view: memoryview) -> None:
         view[pos:pos + k] = ZEROES[:k]
 
 
-@dataclass
+@record
 class CowRegion:
     offset: int      # relative to the start of the first cluster of the allocation
     nb_bytes: int
 
 
-@dataclass
+@record
 class L2Meta:
     """QCowL2Meta: a run of newly written clusters to link into the L2 table."""
     offset: int          # guest offset of the first cluster

@@ -8,7 +8,6 @@ cluster, else the read fails with EIO as in QEMU.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import zlib
 
@@ -50,8 +49,8 @@ def compress(data: bytes, compression_type: int) -> bytes | None:
     return out
 
 
-# qcow2-threads.c's QCOW2_MAX_THREADS: compression runs in at most 4 threads (zlib and
-# zstd release the GIL, so they do run in parallel)
+# qcow2-threads.c's QCOW2_MAX_THREADS: compression runs in 4 threads, as in QEMU, even
+# on fewer cores (zlib and zstd release the GIL, so they do run in parallel)
 MAX_THREADS = 4
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -138,14 +137,15 @@ def _system_zstd() -> _SystemZstd | None:
     return _system_zstd_lib[0]
 
 
-def compress_many(clusters: list, compression_type: int) -> list:
-    """compress() of each cluster, in parallel threads when there are several."""
+def compress_many(clusters: list, compression_type: int):
+    """compress() of each cluster, in order, computed in parallel threads when there
+    are several: an iterator, so the caller stores the first clusters while the
+    threads still compress the later ones."""
     if len(clusters) == 1:
-        return [compress(clusters[0], compression_type)]
+        return iter([compress(clusters[0], compression_type)])
     global _pool
     from concurrent.futures import ThreadPoolExecutor
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(min(MAX_THREADS, os.cpu_count() or 1),
-                                       thread_name_prefix="qcow2-compress")
-    return list(_pool.map(compress, clusters, [compression_type] * len(clusters)))
+            _pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="qcow2-compress")
+    return _pool.map(compress, clusters, [compression_type] * len(clusters))

@@ -5,7 +5,8 @@ Names follow QEMU's block/qcow2.h.  Every ``struct.Struct`` is compiled once her
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+
+from ...._record import record
 
 QCOW_MAGIC = 0x514649FB
 
@@ -172,7 +173,7 @@ L1_SIZE_AND_OFFSET = struct.Struct(">IQ")
 REFTABLE_OFFSET_AND_CLUSTERS = struct.Struct(">QI")
 
 
-@dataclass
+@record
 class Header:
     magic: int = QCOW_MAGIC
     version: int = 3
@@ -224,10 +225,10 @@ class Header:
         return bytes(out)
 
 
-@dataclass
+@record
 class Extension:
     magic: int
-    data: bytes = field(default=b"")
+    data: bytes = b""
 
 
 def pack_extension(magic: int, data: bytes) -> bytes:

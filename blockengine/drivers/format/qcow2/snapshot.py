@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
 from itertools import compress
 
+from ...._record import record
 from ....errors import BlockError, InvalidImage, NotSupported
 from .layout import (L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK, CL_COMPRESSED,
                      CL_NORMAL, CL_ZERO_ALLOC, QCOW2_DISCARD_ALWAYS, QCOW2_DISCARD_SNAPSHOT,
@@ -48,7 +48,7 @@ ICOUNT_NONE = ULONG_MAX                   # -1ULL: no icount recorded
 EXTRA_END_VM_STATE, EXTRA_END_DISK_SIZE, EXTRA_END_ICOUNT = 8, 16, 24
 
 
-@dataclass
+@record
 class Snapshot:
     """QCowSnapshot.  ``id_str`` and ``name`` are C strings (cut at a NUL byte),
     decoded with surrogateescape so that they are written back unchanged."""
@@ -147,7 +147,7 @@ def _strerror(e: BlockError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-@dataclass
+@record
 class TableRead:
     """What qcow2_do_read_snapshots() leaves behind."""
     snapshots: list
