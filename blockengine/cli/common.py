@@ -8,6 +8,7 @@ being printed, so commands stay linear.
 """
 from __future__ import annotations
 
+import errno
 import re
 import sys
 
@@ -37,6 +38,7 @@ _BOOL_OPTS = {"read-only", "auto-read-only", "force-share", "read-zeroes", "dire
 _SIZE_OPTS = {"size", "offset"}
 _INT_OPTS = {"latency-ns"}
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+SNAPSHOT_OPT_BASE = "snapshot."     # -l snapshot.id=ID,snapshot.name=NAME
 
 
 def parse_cache(mode: str, source: bool = False) -> tuple[bool, bool]:
@@ -195,3 +197,40 @@ class Session:
             "         Specify the 'raw' format explicitly to remove the restrictions.\n"
             % img.node.file_child_node().filename())
         sys.stderr.flush()
+
+
+# ---- -l snapshot_param (convert, measure) ----------------------------------------------
+def parse_snapshot_param(text: str) -> dict:
+    """qemu_opts_parse_noisily(&internal_snapshot_opts, ...) of a -l argument."""
+    from .io_commands import parse_qemu_opts        # (warns about short-form flags)
+    values = {}
+    for name, value in parse_qemu_opts(text).items():
+        if name not in ("snapshot.id", "snapshot.name"):
+            report.error("Invalid parameter '%s'" % name)
+            raise report.fail("Failed in parsing snapshot param '%s'" % text)
+        values[name[len(SNAPSHOT_OPT_BASE):]] = value
+    return values
+
+
+def load_snapshot(node, id_or_name: str | None, sn_opts: dict | None) -> None:
+    """bdrv_snapshot_load_tmp() (-l snapshot.id=,snapshot.name=) or
+    bdrv_snapshot_load_tmp_by_id_or_name() (-l ID_OR_NAME): the source shows the
+    snapshot's contents."""
+    load = getattr(node.drv, "snapshot_load_tmp", None)
+    try:
+        if load is None:
+            raise BlockError("Block format '%s' used by device '' does not support "
+                             "temporarily loading internal snapshots" % node.driver_name)
+        if sn_opts is not None:
+            if sn_opts.get("id") is None and sn_opts.get("name") is None:
+                raise BlockError("snapshot_id and snapshot_name are both NULL")
+            load(sn_opts.get("id"), sn_opts.get("name"))
+        else:
+            try:
+                load(id_or_name, None)
+            except BlockError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+                load(None, id_or_name)
+    except BlockError as e:
+        raise report.fail("Failed to load snapshot: %s" % e)

@@ -13,7 +13,6 @@ included) just to learn its length.
 """
 from __future__ import annotations
 
-import errno
 import sys
 
 from ..crypto import cipher as C
@@ -25,14 +24,14 @@ from ..drivers.format.qcow2.bitmap import dir_entry_size
 from ..errors import BlockError, InvalidArgument
 from . import report
 from .bitmap import supports_persistent_bitmaps
-from .common import Session
+from .common import SNAPSHOT_OPT_BASE, Session, load_snapshot, parse_snapshot_param
 from .create import create_options
 from .imageinfo import StatusCursor
 from .img import (FORCE_SHARE, IMAGE_OPTS, OBJECT, OUTPUT, _accumulate_options, _cvtnum,
                   help_exit, output_format)
 from .getopt import NO_ARG, REQUIRED_ARG, LongOpt
 from .io_commands import GnuGetOpt, getopt_complaint
-from .opts import OptionError, OptsSet, parse_opts
+from .opts import OptionError, OptsSet
 from .output import to_json
 
 SECTOR = 512
@@ -46,7 +45,6 @@ LUKS_ENUMS = (("cipher-alg", LUKS_CIPHER_ALGS), ("cipher-mode", C.CIPHER_MODES),
               ("ivgen-alg", C.IVGEN_ALGS), ("ivgen-hash-alg", C.HASH_ALGS),
               ("hash-alg", C.HASH_ALGS))
 EIGHT_BYTE_BLOCK_CIPHERS = ("des", "3des", "cast5-128")
-SNAPSHOT_OPT_BASE = "snapshot."
 LONGOPTS = [LongOpt(*spec) for spec in (
     ("help", NO_ARG, "h"), IMAGE_OPTS, OBJECT, OUTPUT, ("size", REQUIRED_ARG, "size"),
     FORCE_SHARE)]
@@ -81,7 +79,7 @@ def cmd_measure(argv: list[str]) -> int:
             options = _accumulate_options(options, arg)
         elif key == "l":
             if arg.startswith(SNAPSHOT_OPT_BASE):
-                sn_opts = _snapshot_opts(arg)
+                sn_opts = parse_snapshot_param(arg)
             else:
                 snapshot_name = arg
         elif key == "U":
@@ -112,7 +110,7 @@ def cmd_measure(argv: list[str]) -> int:
             source = session.open(filename, fmt, image_opts=image_opts,
                                   force_share=force_share)
             if sn_opts is not None or snapshot_name is not None:
-                _load_snapshot(source.node, snapshot_name, sn_opts)
+                load_snapshot(source.node, snapshot_name, sn_opts)
         opts = _create_opts(out_fmt, options)
         if img_size is not None:
             opts.set("size", str(img_size))
@@ -135,41 +133,6 @@ def cmd_measure(argv: list[str]) -> int:
     else:
         sys.stdout.write(to_json(info, pretty=True) + "\n")
     return 0
-
-
-def _snapshot_opts(text: str) -> dict:
-    """qemu_opts_parse_noisily(&internal_snapshot_opts, ...) of a -l argument."""
-    values = {}
-    for name, value in parse_opts(text):
-        if name not in ("snapshot.id", "snapshot.name"):
-            report.error("Invalid parameter '%s'" % name)
-            raise report.fail("Failed in parsing snapshot param '%s'" % text)
-        values[name[len(SNAPSHOT_OPT_BASE):]] = value
-    return values
-
-
-def _load_snapshot(node, id_or_name: str | None, sn_opts: dict | None) -> None:
-    """bdrv_snapshot_load_tmp() (-l snapshot.id=,snapshot.name=) or
-    bdrv_snapshot_load_tmp_by_id_or_name() (-l ID_OR_NAME): the source shows the
-    snapshot's contents."""
-    load = getattr(node.drv, "snapshot_load_tmp", None)
-    try:
-        if load is None:
-            raise BlockError("Block format '%s' used by device '' does not support "
-                             "temporarily loading internal snapshots" % node.driver_name)
-        if sn_opts is not None:
-            if sn_opts.get("id") is None and sn_opts.get("name") is None:
-                raise BlockError("snapshot_id and snapshot_name are both NULL")
-            load(sn_opts.get("id"), sn_opts.get("name"))
-        else:
-            try:
-                load(id_or_name, None)
-            except BlockError as e:
-                if e.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-                load(None, id_or_name)
-    except BlockError as e:
-        raise report.fail("Failed to load snapshot: %s" % e)
 
 
 def _create_opts(out_fmt: str, options: str | None) -> OptsSet:
