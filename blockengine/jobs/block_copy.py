@@ -13,6 +13,7 @@ import contextlib
 
 from ..bitmaps import BlockDirtyBitmap
 from ..drivers.base import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
+from ..io.buffers import io_buffer
 
 MAX_CHUNK = 4 << 20     # per copy: larger chunks, fewer requests (QEMU runs many in parallel)
 
@@ -26,13 +27,13 @@ class CopyBuffer:
     with the returned view before the next ``read``."""
 
     def __init__(self, size: int = MAX_CHUNK):
-        self.buf = bytearray(size)
+        self.buf = io_buffer(size)          # huge pages where the system allows
 
     def read(self, node, offset: int, length: int) -> memoryview:
         """The data of ``node`` at [offset, offset+length), in the buffer."""
         if length > len(self.buf):
-            self.buf = bytearray(length)
-        view = memoryview(self.buf)[:length]
+            self.buf = io_buffer(length)
+        view = self.buf[:length]
         node.preadv(offset, view)
         return view
 
