@@ -404,7 +404,9 @@ class _WriteBehind:
                 try:
                     self._write(sector, n, buf, status)
                 except BlockError as e:
-                    self._error = CopyError("writing", sector * SECTOR, e)
+                    # a batch of compressed clusters names the one that failed
+                    self._error = CopyError("writing", getattr(e, "guest_offset",
+                                                               sector * SECTOR), e)
                     self._error.__cause__ = e
             self._free.put(buf)
             self._todo.task_done()

@@ -132,6 +132,32 @@ def test_convert_c_errors(run_both, args):
     assert both.ref.returncode == 1
 
 
+def test_convert_c_into_allocated_target(run_both):
+    """-n into an image with data: compressed writes cannot overwrite (EIO), named at
+    the failing cluster; the clusters before it are written as in qemu-img."""
+    def prepare(d):
+        _prepare(d)
+        qimg("create", "-q", "-f", "qcow2", "t.qcow2", SRC_SIZE, cwd=d)
+        subprocess.run([require_tool("qemu-io"), "-c", "write 1M 64k", "t.qcow2"], cwd=d,
+                       capture_output=True, check=True)
+    both = run_both(["convert", "-n", "-c", "-O", "qcow2", "src.raw", "t.qcow2"],
+                    prepare=prepare)
+    both.assert_same()
+    assert b"error while writing at byte 1048576" in both.ref.stderr
+    assert (both.our_dir / "t.qcow2").read_bytes() == (both.ref_dir / "t.qcow2").read_bytes()
+
+
+@pytest.mark.parametrize("sub", ["monolithicSparse", "streamOptimized"])
+def test_convert_c_vmdk(run_both, sub):
+    """vmdk takes -c too (streamOptimized compresses every grain anyway)."""
+    from tests.interop.test_vmdk_interop import _same_file
+    both = run_both(["convert", "-c", "-O", "vmdk", "-o", "subformat=" + sub, "odd.raw",
+                     "out.vmdk"], prepare=_prepare)
+    both.assert_same()
+    assert _same_file((both.our_dir / "out.vmdk").read_bytes(),
+                      (both.ref_dir / "out.vmdk").read_bytes())
+
+
 @pytest.mark.parametrize("opts", ["", "cluster_size=4k,compression_type=zstd",
                                   "extended_l2=on", "compat=0.10"])
 def test_check_map_info_of_compressed_images(run_both, opts):

@@ -957,12 +957,16 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         self._decomp_cache = (None, None)
         for i, (chunk, out) in enumerate(zip(chunks, compressed)):
             guest = offset + i * cs
-            if out is None:
-                self.pwritev(guest, chunk)
-                continue
-            host = self.alloc_compressed_cluster_offset(guest, len(out))
-            self.pre_write_overlap_check(0, host, len(out), True)
-            self.data_file.pwrite(host, out)
+            try:
+                if out is None:
+                    self.pwritev(guest, chunk)
+                    continue
+                host = self.alloc_compressed_cluster_offset(guest, len(out))
+                self.pre_write_overlap_check(0, host, len(out), True)
+                self.data_file.pwrite(host, out)
+            except BlockError as e:
+                e.guest_offset = guest      # the cluster that failed (img convert names it)
+                raise
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """bdrv_co_do_pwrite_zeroes() split at the subcluster size + qcow2_co_pwrite_zeroes()."""
