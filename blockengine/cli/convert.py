@@ -11,7 +11,10 @@ the progress values are QEMU's:
   scanned for zero runs: a zero run of at least ``min_sparse`` bytes is not written
   (or written as zeroes when the target does not read as zeroes already), shorter ones
   are written as data, and run ends are aligned to the target alignment;
-* with ``min_sparse`` 0 everything, including zero ranges, is written as data.
+* with ``min_sparse`` 0 everything, including zero ranges, is written as data;
+* with ``compressed`` (-c) the copy goes cluster by cluster (``_run_compressed``): runs
+  shorter than a cluster count as data, all-zero clusters are not written, the others
+  are written compressed in batches the target compresses in parallel threads.
 
 Writes are sequential (QEMU's -W/-m only change ordering and parallelism, never the
 result).  Zero detection uses the native ``zero_runs``.
