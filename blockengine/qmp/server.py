@@ -6,7 +6,12 @@ in QEMU, a chardev serves one client at a time; a second client's connection wai
 ``protocol.QMPConnection``; commands run one at a time, in request order, in a single
 worker thread (QEMU runs all monitors' commands under one lock, the BQL), so the event
 loop keeps reading, writing and broadcasting meanwhile.  Events are written to every
-monitor that has finished capabilities negotiation.  ``quit`` stops the server after
+monitor that has finished capabilities negotiation.
+
+Event order follows QEMU, where a command runs under the BQL: events the command
+raises itself (a job's "created", "running") go out before its reply, but events
+that jobs raise in their own threads while a command runs are held back until the
+reply is written, since a QEMU job's coroutine cannot run before the command returns.  ``quit`` stops the server after
 its response is written; shutdown closes the listeners, then the graph (flush + close
 of every node), and unlinks the unix sockets.
 """
@@ -18,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from dataclasses import dataclass, field
 
 from .core import QMPSession
@@ -88,6 +94,11 @@ class QMPServer:
         self._stop: asyncio.Event | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "qmp-command")
         self.engine.ctx.on_quit = self._on_quit
+        # events of other threads held while a command runs (see the module docstring)
+        self._event_lock = threading.Lock()
+        self._command_thread: int | None = None     # the worker, while replies are due
+        self._command_seq = 0                       # the command running or last run
+        self._held_events: list[tuple[int, bytes]] = []    # (command seq, message)
 
     # ---- setup ---------------------------------------------------------------------------
     def add_listener(self, sock: socket.socket, path: str | None = None,
@@ -216,21 +227,52 @@ class QMPServer:
                 if isinstance(item, ParseError):
                     mon.send(mon.conn.encode(item.response))
                     continue
-                response = await loop.run_in_executor(self._executor, mon.conn.handle,
-                                                      item.request)
-                mon.send(mon.conn.encode(response))
+                seq = [None]
+                try:
+                    response = await loop.run_in_executor(
+                        self._executor, self._run_command, mon.conn, item.request, seq)
+                    mon.send(mon.conn.encode(response))
+                finally:
+                    self._release_held_events(seq[0])
                 if self.quit_requested:
                     await mon.writer.drain()
                     self._stop.set()
                     return
             await mon.writer.drain()
 
+    def _run_command(self, conn: QMPConnection, request, seq: list) -> dict:
+        """In the worker thread: other threads' events wait until the reply is out
+        (``_release_held_events``, called by the event loop once it has written it)."""
+        with self._event_lock:
+            self._command_seq += 1
+            seq[0] = self._command_seq
+            self._command_thread = threading.get_ident()
+        return conn.handle(request)
+
     # ---- events ------------------------------------------------------------------------------
+    def _release_held_events(self, seq: int | None) -> None:
+        """Command ``seq``'s reply is written: send the events held until then (a
+        later command, already running in the worker, keeps holding its own)."""
+        if seq is None:
+            return
+        with self._event_lock:
+            if self._command_seq == seq:
+                self._command_thread = None
+            due = [data for s, data in self._held_events if s <= seq]
+            self._held_events = [(s, data) for s, data in self._held_events if s > seq]
+        for data in due:
+            self._broadcast(data)
+
     def _event_from_any_thread(self, message: dict) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         data = encode_message(message)
+        with self._event_lock:
+            running = self._command_thread
+            if running is not None and running != threading.get_ident():
+                self._held_events.append((self._command_seq, data))
+                return
         try:
             loop.call_soon_threadsafe(self._broadcast, data)
         except RuntimeError:
