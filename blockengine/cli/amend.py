@@ -14,11 +14,11 @@ import sys
 from ..errors import BlockError
 from . import report
 from .common import DEFAULT_CACHE, Session
-from .create import _desc, find_format
+from .create import option_desc, find_format
 from .getopt import NO_ARG
 from .img import FORMAT, HELP, IMAGE_OPTS, OBJECT, _accumulate_options, parse_args
 from .opts import OptionError, OptsSet, has_help_option, print_help
-from .output import Progress, _f32
+from .output import Progress, float32
 
 FORCE = ("force", NO_ARG, "force")
 CREATION_ONLY_HINT = "This option is only supported for image creation\n"
@@ -77,7 +77,7 @@ def _amend(session: Session, operands: list[str], fmt: str | None, options: str,
         try:
             drv.amend_options(parsed.values, force, lambda done, total: bar.print(
                 # amend_status_cb(): 100.f * offset / total_work_size, in C float
-                _f32(_f32(100.0 * _f32(done)) / _f32(total)), 0))
+                float32(float32(100.0 * float32(done)) / float32(total)), 0))
         except BlockError as e:
             _report(str(e), e.hint)
             raise report.Exit(1)
@@ -90,13 +90,13 @@ def _amend(session: Session, operands: list[str], fmt: str | None, options: str,
 def _parse(options: str, amend_opts, create_opts) -> OptsSet:
     """qemu_opts_do_parse() over the amend options; on failure, the create options
     decide whether QEMU adds its image-creation hint to the first error."""
-    amend_descs = [_desc(o) for o in amend_opts]
+    amend_descs = [option_desc(o) for o in amend_opts]
     parsed = OptsSet(amend_descs)
     try:
         parsed.parse(options)
     except OptionError as e:
         names = {d.name for d in amend_descs}
-        both = OptsSet(amend_descs + [d for d in map(_desc, create_opts)
+        both = OptsSet(amend_descs + [d for d in map(option_desc, create_opts)
                                       if d.name not in names])
         hint = e.hint + "\n" if e.hint and not e.hint.endswith("\n") else e.hint
         try:
@@ -118,7 +118,7 @@ def _print_amend_help(fmt: str) -> int:
     amend_opts = getattr(drv_cls, "amend_opts", None)
     if not amend_opts:
         raise report.fail("Format driver '%s' does not support option amendment" % fmt)
-    sys.stdout.write(print_help([_desc(o) for o in amend_opts],
+    sys.stdout.write(print_help([option_desc(o) for o in amend_opts],
                                 "Amend options for '%s':" % fmt))
     return 0
 

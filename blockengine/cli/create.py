@@ -45,7 +45,9 @@ KNOWN_OPTS = {d.name: d for d in (
 )}
 
 
-def _desc(opt) -> OptDesc:
+def option_desc(opt) -> OptDesc:
+    """The CLI description of a driver's create/amend option (an OptDesc, a known
+    option name, or a driver CreateOpt)."""
     if isinstance(opt, OptDesc):
         return opt
     if isinstance(opt, str):
@@ -70,7 +72,7 @@ def driver_create_opts(drv_cls) -> list[OptDesc]:
     if not _creatable(drv_cls):
         raise InvalidArgument("Format driver '%s' does not support image creation"
                               % drv_cls.info.name)
-    return [_desc(o) for o in drv_cls.info.create_opts]
+    return [option_desc(o) for o in drv_cls.info.create_opts]
 
 
 def create_options(fmt: str, filename: str | None) -> list[OptDesc]:

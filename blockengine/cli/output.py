@@ -239,7 +239,8 @@ MAP_HUMAN_HEADER = "%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "Fi
 
 
 # ---- progress ----------------------------------------------------------------------------
-def _f32(x: float) -> float:
+def float32(x: float) -> float:
+    """x rounded to a C float: qemu-img's progress arithmetic is in floats."""
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
@@ -249,22 +250,22 @@ class Progress:
 
     def __init__(self, enabled: bool, min_skip: float, out=None):
         self.enabled = enabled
-        self.min_skip = _f32(min_skip)
-        self.current = _f32(0.0)
-        self.last_print = _f32(0.0)
+        self.min_skip = float32(min_skip)
+        self.current = float32(0.0)
+        self.last_print = float32(0.0)
         self.out = out or sys.stdout
 
     def print(self, delta: float, max_: int) -> None:
         """qemu_progress_print(): max 0 sets the value, else adds delta/100*max."""
         if max_ == 0:
-            current = _f32(delta)
+            current = float32(delta)
         else:
-            current = _f32(self.current + _f32(_f32(_f32(delta) / 100) * max_))
+            current = float32(self.current + float32(float32(float32(delta) / 100) * max_))
         if current > 100:
-            current = _f32(100.0)
+            current = float32(100.0)
         self.current = current
-        if (current > _f32(self.last_print + self.min_skip)
-                or current < _f32(self.last_print - self.min_skip)
+        if (current > float32(self.last_print + self.min_skip)
+                or current < float32(self.last_print - self.min_skip)
                 or current == 0 or current == 100):
             self.last_print = current
             if self.enabled:
