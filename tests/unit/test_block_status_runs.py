@@ -140,9 +140,18 @@ def _map_per_extent(node, start: int, end: int, human: bool):
     yield curr, None
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+def random_chains(examples: int):
+    """The hypothesis settings of the tests below: a seed for the random chain and data
+    for the questions asked of it."""
+    def wrap(test):
+        return settings(max_examples=examples, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow,
+                                               HealthCheck.data_too_large])(
+            given(seed=st.integers(0, 2**32 - 1), data=st.data())(test))
+    return wrap
+
+
+@random_chains(40)
 def test_block_status_runs_equal_repeated_block_status(seed, data):
     r = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
@@ -170,9 +179,7 @@ def test_block_status_runs_equal_repeated_block_status(seed, data):
                 assert node.block_status_runs(size, 512) == [node.block_status(size, 512)]
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+@random_chains(40)
 def test_batched_map_and_cursor_equal_per_extent(seed, data):
     r = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
@@ -209,9 +216,7 @@ def test_batched_map_and_cursor_equal_per_extent(seed, data):
                     offset += step
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+@random_chains(30)
 def test_raw_map_equals_per_extent(seed, data):
     """The bulk map of raw images (native SEEK_DATA/SEEK_HOLE walk) equals the
     per-extent walk, for sparse files of any size (unaligned tails included)."""
