@@ -269,6 +269,8 @@ class Converter:
             while sector < self.total_sectors:
                 n = self.iteration_sectors(sector)
                 status = self._status
+                if not self.min_sparse and status == BLK_ZERO:
+                    n = min(n, self.buf_sectors)        # written as a data cluster
                 if self._counts(status):
                     done += n
                     if self.progress is not None:

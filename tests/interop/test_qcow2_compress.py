@@ -65,6 +65,10 @@ def qimg(*args, cwd=None):
 def _prepare(d):
     (d / "src.raw").write_bytes(source_data(SRC_SIZE))
     (d / "odd.raw").write_bytes(source_data(SRC_SIZE - 1536, seed=2))
+    with open(d / "sparse.raw", "wb") as f:         # holes: zero block status runs
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB + 1024)
+        f.write(source_data(MiB + 4096, seed=3))
     # an overlay whose unallocated clusters must stay unallocated with -B
     qimg("convert", "-O", "qcow2", "src.raw", "base.qcow2", cwd=d)
     qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
@@ -96,6 +100,9 @@ CONVERT_CASES = {
                      "top.qcow2"],
     "qcow2-source": ["-o", "cluster_size=16k", "top.qcow2"],
     "progress": ["-p", "-o", "cluster_size=1M", "odd.raw"],
+    "holes": ["-p", "-o", "cluster_size=4k", "sparse.raw"],
+    "holes-no-sparse": ["-p", "-S", "0", "-o", "cluster_size=4k", "sparse.raw"],
+    "holes-no-sparse-2M": ["-S", "0", "-o", "cluster_size=2M", "sparse.raw"],
 }
 
 
