@@ -14,6 +14,7 @@ import os
 import threading
 
 from ..drivers.base import DriverKind
+from ..io.request import check_node_length
 from ..io.throttle import ThrottleGroups
 from ..errors import BlockError, InvalidArgument, PermissionConflict, prefixed
 from .child import BdrvChild, ChildRole
@@ -112,6 +113,11 @@ class Graph:
                     self.attach_child(node, child, key, role)
                 drv_opts = {k: v for k, v in options.items() if k not in BASE_OPTIONS}
                 node.drv.open(drv_opts)
+                try:
+                    check_node_length(node.drv.get_length())
+                except BaseException:
+                    node.drv.close()
+                    raise
                 if driver_cls.info.supports_backing:
                     self._open_backing(node, options, child_inherit)
             except BaseException:

@@ -366,10 +366,10 @@ class BlockNode:
         length is > 0 unless offset is at the end of the node.
         """
         size = self.total_size
-        check_request(offset, length)
-        if offset >= size:
-            return Status(BLOCK_EOF, 0)
+        if offset >= size >= 0 <= length:
+            return Status(BLOCK_EOF, 0)       # before any range check, as in QEMU
         length = min(length, size - offset)
+        check_request(offset, length)
         if length == 0:
             return Status(0, 0)
         with self.lock:
@@ -385,10 +385,10 @@ class BlockNode:
         the rest of the range); together they cover at most ``length`` bytes.
         """
         size = self.total_size
-        check_request(offset, length)
-        if offset >= size:
+        if offset >= size >= 0 <= length:
             return [Status(BLOCK_EOF, 0)]
         length = min(length, size - offset)
+        check_request(offset, length)
         if length == 0:
             return [Status(0, 0)]
         with self.lock:

@@ -5,19 +5,30 @@ in-bounds requests (see ``blockengine.drivers.base``).
 """
 import errno
 
-from ..errors import BlockError, InvalidArgument
+from ..errors import BlockError
 
-MAX_REQUEST_BYTES = (1 << 63) - 1
+# BDRV_MAX_LENGTH: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT (1 GiB); no request
+# may reach past it and no node may be larger
+MAX_REQUEST_BYTES = ((1 << 63) - 1) & ~((1 << 30) - 1)
 
 
 def check_request(offset: int, length: int, size: int | None = None) -> None:
-    """bdrv_check_request(): reject negative, overflowing or (with size) out-of-bounds ranges."""
+    """bdrv_check_qiov_request() / blk_check_byte_request(): a negative, overflowing
+    or (with size) out-of-bounds range fails with EIO, as in QEMU."""
     if offset < 0 or length < 0 or offset > MAX_REQUEST_BYTES - length:
-        raise InvalidArgument(f"Invalid request: offset {offset} length {length}",
-                              errno=errno.EINVAL)
+        raise BlockError(f"Invalid request: offset {offset} length {length}",
+                         errno=errno.EIO)
     if size is not None and offset + length > size:
         raise BlockError(f"Request offset {offset} length {length} beyond end of device "
                          f"({size} bytes)", errno=errno.EIO)
+
+
+def check_node_length(length: int) -> None:
+    """refresh_total_sectors() after a driver opened: QEMU refuses nodes larger than
+    BDRV_MAX_LENGTH."""
+    if length > MAX_REQUEST_BYTES:
+        raise BlockError("Could not refresh total sector count: File too large",
+                         errno=errno.EFBIG)
 
 
 def align_down(value: int, alignment: int) -> int:
