@@ -9,6 +9,7 @@ point-in-time semantics of backup.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 
 from ..bitmaps import BlockDirtyBitmap
@@ -36,6 +37,60 @@ class CopyBuffer:
         view = self.buf[:length]
         node.preadv(offset, view)
         return view
+
+
+class ReadAhead:
+    """A copy loop with the read of the next piece in flight while the current piece is
+    written, as QEMU keeps several requests of a job in flight: os.preadv/pwritev
+    release the GIL, so on two cores the read and the write overlap (and on a loaded
+    machine the job gets two threads' share).  The read runs in a helper thread,
+    started by each ``copy`` and gone when it returns; two buffers of ``piece`` bytes
+    alternate between it and the writer.
+
+    The read must not need a lock the caller holds (a node's lock); the caller's own
+    locks keep guest writes out of the range meanwhile, as for a plain copy."""
+
+    def __init__(self, piece: int):
+        self.piece = piece
+        self.buffers = (CopyBuffer(piece), CopyBuffer(piece))
+
+    def copy(self, node, pieces, write) -> None:
+        """For each ``(offset, length, read)`` that ``pieces`` yields (length at most
+        ``piece``), call ``write(offset, length, data)``: ``data`` holds ``node``'s bytes
+        there (a view, valid during the call) or is None when ``read`` is false.
+        ``pieces`` is consumed one piece ahead, in the caller's thread (it may plan,
+        pause or raise there).  A failed request raises its error tagged with
+        ``is_read``; every write before it happened, none after it."""
+        it = iter(pieces)
+        slot = 0
+        with concurrent.futures.ThreadPoolExecutor(1, "job-read") as pool:
+            def start(piece):
+                nonlocal slot
+                offset, length, read = piece
+                if not read:
+                    return offset, length, None
+                buf, slot = self.buffers[slot], slot ^ 1
+                return offset, length, pool.submit(buf.read, node, offset, length)
+
+            nxt = next(it, None)
+            current = None if nxt is None else start(nxt)
+            try:
+                while current is not None:
+                    offset, length, reading = current
+                    data = None
+                    if reading is not None:
+                        with _tagged(is_read=True):
+                            data = reading.result()
+                    current = None
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        current = start(nxt)
+                    with _tagged(is_read=False):
+                        write(offset, length, data)
+            finally:
+                # a read still running fills a buffer: let it end (errors dropped)
+                if current is not None and current[2] is not None:
+                    concurrent.futures.wait([current[2]])
 
 
 class DataExtentCache:

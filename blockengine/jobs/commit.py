@@ -17,12 +17,12 @@ from ..drivers.filter.commit_top import CommitTopDriver
 from ..drivers.filter.common import drop_filter, open_implicit_filter
 from ..errors import BlockError
 from ..graph.perms import Perm
-from .block_copy import CopyBuffer
+from .block_copy import ReadAhead
 from .job import Job
 from .mirror import JobBackend, MirrorJob
 from .stream import change_backing
 
-CHUNK = 4 << 20      # bigger than QEMU's 512 KiB: fewer, larger qcow2 allocations
+PIECE = 4 << 20      # bigger than QEMU's 512 KiB: fewer, larger qcow2 allocations
 
 
 def overlay_of(node):
@@ -82,24 +82,32 @@ class CommitJob(Job):
         if base.total_size < size:
             base.truncate(size)
         self.progress_set_remaining(size)
-        buffer = CopyBuffer(CHUNK)
-        pos = 0
-        while pos < size:
-            self.pause_point()
-            n = min(CHUNK, size - pos)
+        copier = ReadAhead(PIECE)
+        self.done_upto = 0
+        while self.done_upto < size:
             try:
-                allocated, n = top.is_allocated_above(pos, n, base)
-                n = max(1, n)
-                if allocated:
-                    base.pwrite(pos, buffer.read(top, pos, n))
+                copier.copy(top, self._pieces(self.done_upto, size), self._write_piece)
             except BlockError as e:
                 # commit_run(): anything but report retries the chunk
                 self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False), e)
-                continue
+
+    def _pieces(self, pos: int, size: int):
+        """The copy plan, one piece ahead of the writes: (offset, length, allocated
+        above base -- to copy)."""
+        while pos < size:
+            self.pause_point()
+            allocated, n = self.top.is_allocated_above(pos, min(PIECE, size - pos), self.base)
+            n = max(1, n)
+            yield pos, n, allocated
             pos += n
-            self.progress(n)
-            if allocated:
-                self.ratelimit(n)
+
+    def _write_piece(self, offset: int, length: int, data) -> None:
+        if data is not None:
+            self.base.pwrite(offset, data)
+        self.done_upto = offset + length
+        self.progress(length)
+        if data is not None:
+            self.ratelimit(length)
 
     def prepare(self) -> None:
         self.base.flush()

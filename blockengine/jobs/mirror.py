@@ -38,11 +38,12 @@ from ..drivers.filter.mirror_top import MirrorTopDriver
 from ..errors import BlockError, InvalidArgument, JobError
 from ..graph.backend import BlockBackend
 from ..graph.perms import Perm
-from .block_copy import CopyBuffer, DataExtentCache
+from .block_copy import DataExtentCache, ReadAhead
 from .job import Job, device_name
 
 DEFAULT_BUF_SIZE = 16 << 20
-MAX_CHUNK = 4 << 20
+MAX_CHUNK = 16 << 20    # one iteration's run (QEMU: buf-size in flight)
+PIECE = 2 << 20         # ... copied in pieces, the next one read while one is written
 COPY_MODES = ("background", "write-blocking")
 
 
@@ -186,7 +187,7 @@ class MirrorJob(Job):
             return
         self._dirty_init(size)
         self.extents = DataExtentCache(self.source)
-        self.buffer = CopyBuffer(min(self.buf_size, MAX_CHUNK))
+        self.copier = ReadAhead(min(self.buf_size, PIECE))
         cursor = 0
         while True:
             self._take_sync_write_error()
@@ -252,39 +253,37 @@ class MirrorJob(Job):
     def _copy(self, offset: int, length: int) -> int:
         """Copy a range; returns the bytes copied (an ignored error re-dirties the rest
         of the range, which a later iteration copies again)."""
-        pos, end = offset, offset + length
-        while pos < end:
-            with self.copy_lock:        # one piece: no synchronous guest write between
-                n, error = self._copy_piece(pos, end - pos)
-            if error is None:
-                pos += n
-                continue
-            is_read, e = error
-            policy = self.on_source_error if is_read else self.on_target_error
-            if self.handle_io_error(policy, is_read, e):
-                continue                # stopped and resumed: retry
-            self.dirty.set_dirty(pos, end - pos)       # ignored: copy again later
-            return pos - offset
+        end = offset + length
+        self.copied_upto = offset
+        while self.copied_upto < end:
+            try:
+                # no synchronous guest write between a piece's read and its write
+                with self.copy_lock:
+                    self.copier.copy(self.source, self._pieces(self.copied_upto, end),
+                                     self._write_piece)
+            except BlockError as e:
+                is_read = getattr(e, "is_read", True)      # block status: a read
+                policy = self.on_source_error if is_read else self.on_target_error
+                if self.handle_io_error(policy, is_read, e):
+                    continue                # stopped and resumed: retry
+                self.dirty.set_dirty(self.copied_upto, end - self.copied_upto)
+                return self.copied_upto - offset        # ignored: copy again later
         return length
 
-    def _copy_piece(self, pos: int, length: int):
-        """Copy the first extent of [pos, pos+length): (bytes, None) or (0, (is_read,
-        error)) for an I/O error."""
-        try:
-            flags, n = self.extents.status(pos, length)
+    def _pieces(self, pos: int, end: int):
+        """The copy plan of [pos, end): (offset, length, data -- else zeroes)."""
+        while pos < end:
+            flags, n = self.extents.status(pos, min(self.copier.piece, end - pos))
             n = max(1, n)
-            zero = bool(flags & BLOCK_ZERO)
-            buf = None if zero else self.buffer.read(self.source, pos, n)
-        except BlockError as e:
-            return 0, (True, e)
-        try:
-            if zero:
-                self.target.pwrite_zeroes(pos, n, may_unmap=self.unmap)
-            else:
-                self.target.pwrite(pos, buf)
-        except BlockError as e:
-            return 0, (False, e)
-        return n, None
+            yield pos, n, not flags & BLOCK_ZERO
+            pos += n
+
+    def _write_piece(self, offset: int, length: int, data) -> None:
+        if data is None:
+            self.target.pwrite_zeroes(offset, length, may_unmap=self.unmap)
+        else:
+            self.target.pwrite(offset, data)
+        self.copied_upto = offset + length
 
     # ---- write-blocking: guest writes mirrored synchronously -----------------------------
     def _writes_to_target(self) -> bool:

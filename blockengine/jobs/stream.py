@@ -4,11 +4,12 @@
 As QEMU 7.2 does, the job inserts a ``copy-on-read`` filter above the top node (named
 by ``filter-node-name``, else implicit) with ``bottom`` the lowest intermediate image,
 and walks the image: a range already allocated in the top node is skipped, a range
-allocated in an intermediate image is read through the filter, which copies it into
-the top (drivers/filter/copy_on_read.py).  Each copy happens under the top node's lock
-after re-checking the allocation, so a guest write to the same range either lands
-before (the range is then allocated and skipped) or after (and overwrites the copied
-old data): never lost.  Guest reads through the filter copy on read as well.
+allocated in an intermediate image is read from the backing chain (in a helper thread,
+one piece ahead: ``ReadAhead``) and copied up into the top by the filter's copy half
+(``copy_on_read.copy_up``).  Each copy happens under the top node's lock after
+re-checking the allocation, so a guest write to the same range either lands before
+(the range is then allocated and skipped) or after (and overwrites the copied old
+data): never lost.  Guest reads through the filter copy on read as well.
 On success the top's backing edge moves to ``base`` (the image header records
 ``backing-file``/base's filename through ``drv.change_backing_file`` when the format
 has it) and the intermediate images leave the graph.
@@ -16,14 +17,16 @@ has it) and the intermediate images leave the graph.
 from __future__ import annotations
 
 from ..drivers.filter.common import drop_filter
+from ..drivers.filter.copy_on_read import copy_up
 from ..errors import BlockError, prefixed
 from ..graph.child import ChildRole
 from ..graph.node import BlockNode
 from ..graph.perms import Perm
+from .block_copy import ReadAhead
 from .job import Job
 from .mirror import JobBackend
 
-CHUNK = 4 << 20      # bigger than QEMU's 512 KiB: fewer, larger qcow2 allocations
+PIECE = 4 << 20      # bigger than QEMU's 512 KiB: fewer, larger qcow2 allocations
 
 
 def change_backing(graph, node, new_backing, backing_file: str | None = None,
@@ -123,43 +126,57 @@ class StreamJob(Job):
                 self.graph._close(cor)      # and let go of top
 
     def run(self) -> None:
-        top = self.top
         if not self.intermediates:
             return                      # nothing to stream (QEMU: len stays 0)
-        size = top.total_size
+        size = self.top.total_size
         self.progress_set_remaining(size)
-        backing = top.backing
-        cor = self.cor.drv
+        copier = ReadAhead(PIECE)
+        self.done_upto = 0
+        self.planned: dict[int, int] = {}       # start -> end of pieces not written yet
         first_error = None
-        pos = 0
-        while pos < size:
-            self.pause_point()
-            n = min(CHUNK, size - pos)
+        while self.done_upto < size:
             try:
-                allocated, n = top.is_allocated_above(pos, n, backing)
-                n = max(1, n)
-                copy = False
-                if not allocated and backing is not None and backing is not self.base:
-                    copy, n = backing.is_allocated_above(pos, n, self.base)
-                    n = max(1, n)
-                if copy:
-                    # stream_populate(): a prefetching read through the filter copies
-                    # the data up (re-checked under top's lock, so a guest write to
-                    # the range either lands first and is kept, or overwrites the copy)
-                    cor.prefetch(pos, n)
+                # stream_populate(): the data read from the backing chain (unchanging
+                # while the job runs) ahead, copied up under top's lock (copy_up)
+                copier.copy(self.top.backing, self._pieces(self.done_upto, size),
+                            self._write_piece)
             except BlockError as e:
-                # stream_run(): stop retries, ignore skips the chunk but fails the job
+                # stream_run(): stop retries, ignore skips the piece but fails the job
                 # at the end (the backing chain is then left alone), report fails now
                 if self.handle_io_error(self.on_error_policy, getattr(e, "is_read", True), e):
                     continue
                 first_error = first_error or e
-                copy = False
-            pos += n
-            self.progress(n)
-            if copy:
-                self.ratelimit(n)
+                end = self.planned.get(self.done_upto, self.done_upto + 1)
+                self.progress(end - self.done_upto)
+                self.done_upto = end
         if first_error is not None:
             raise first_error
+
+    def _pieces(self, pos: int, size: int):
+        """The copy plan: (offset, length, to copy up -- allocated below top and above
+        base, and not in top)."""
+        top, backing = self.top, self.top.backing
+        self.planned.clear()
+        while pos < size:
+            self.pause_point()
+            allocated, n = top.is_allocated_above(pos, min(PIECE, size - pos), backing)
+            n = max(1, n)
+            copy = False
+            if not allocated and backing is not None and backing is not self.base:
+                copy, n = backing.is_allocated_above(pos, n, self.base)
+                n = max(1, n)
+            self.planned[pos] = pos + n
+            yield pos, n, copy
+            pos += n
+
+    def _write_piece(self, offset: int, length: int, data) -> None:
+        if data is not None:
+            copy_up(self.top, offset, data)
+        self.planned.pop(offset, None)
+        self.done_upto = offset + length
+        self.progress(length)
+        if data is not None:
+            self.ratelimit(length)
 
     def prepare(self) -> None:
         if self.intermediates:

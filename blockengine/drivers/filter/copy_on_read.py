@@ -111,12 +111,35 @@ def read_with_copy(node, offset: int, length: int, buf, bounce) -> None:
                     node.preadv(lo, buf[lo - offset:hi - offset])
             else:
                 data = bounce.read(node, pos, n)
-                # the data does not change: straight to the driver (no notifiers, no
-                # dirty bits), as QEMU's BDRV_REQ_WRITE_UNCHANGED copy
-                if _native.buffer_is_zero(data, 0, n):
-                    node._zero_aligned_middle(pos, n, False)
-                else:
-                    node._aligned_write(pos, data, False)
+                _write_unchanged(node, pos, data)
                 if buf is not None and hi > lo:
                     buf[lo - offset:hi - offset] = data[lo - pos:hi - pos]
             pos += n
+
+
+def copy_up(node, offset: int, data) -> None:
+    """The copy half of a copy-on-read whose read was done before, from ``node``'s
+    backing chain (which does not change meanwhile): write ``data`` -- what
+    [offset, offset+len(data)) of ``node`` read as -- into the runs of that range still
+    not allocated in ``node``, under its lock.  A run a guest wrote meanwhile keeps the
+    guest's data."""
+    end = offset + len(data)
+    with node.lock:
+        pos = offset
+        while pos < end:
+            allocated, n = node.is_allocated_above(pos, end - pos, node.backing)
+            if n == 0:
+                break
+            n = min(n, end - pos)
+            if not allocated:
+                _write_unchanged(node, pos, data[pos - offset:pos - offset + n])
+            pos += n
+
+
+def _write_unchanged(node, offset: int, data) -> None:
+    """The data does not change: straight to the driver (no notifiers, no dirty bits),
+    as QEMU's BDRV_REQ_WRITE_UNCHANGED copy; zeroes as a zero write."""
+    if _native.buffer_is_zero(data, 0, len(data)):
+        node._zero_aligned_middle(offset, len(data), False)
+    else:
+        node._aligned_write(offset, data, False)
