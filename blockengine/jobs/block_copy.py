@@ -43,9 +43,10 @@ class ReadAhead:
     """A copy loop with the read of the next piece in flight while the current piece is
     written, as QEMU keeps several requests of a job in flight: os.preadv/pwritev
     release the GIL, so on two cores the read and the write overlap (and on a loaded
-    machine the job gets two threads' share).  The read runs in a helper thread,
-    started by each ``copy`` and gone when it returns; two buffers of ``piece`` bytes
-    alternate between it and the writer.
+    machine the job gets two threads' share).  The reads run in one helper thread that
+    lives as long as the ``with`` block (a thread per copy costs milliseconds to start
+    on a loaded machine); two buffers of ``piece`` bytes alternate between it and the
+    writer.
 
     The read must not need a lock the caller holds (a node's lock); the caller's own
     locks keep guest writes out of the range meanwhile, as for a plain copy."""
@@ -53,6 +54,15 @@ class ReadAhead:
     def __init__(self, piece: int):
         self.piece = piece
         self.buffers = (CopyBuffer(piece), CopyBuffer(piece))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "ReadAhead":
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "job-read")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pool, self._pool = self._pool, None
+        pool.shutdown(wait=True)
 
     def copy(self, node, pieces, write) -> None:
         """For each ``(offset, length, read)`` that ``pieces`` yields (length at most
@@ -63,34 +73,34 @@ class ReadAhead:
         ``is_read``; every write before it happened, none after it."""
         it = iter(pieces)
         slot = 0
-        with concurrent.futures.ThreadPoolExecutor(1, "job-read") as pool:
-            def start(piece):
-                nonlocal slot
-                offset, length, read = piece
-                if not read:
-                    return offset, length, None
-                buf, slot = self.buffers[slot], slot ^ 1
-                return offset, length, pool.submit(buf.read, node, offset, length)
 
-            nxt = next(it, None)
-            current = None if nxt is None else start(nxt)
-            try:
-                while current is not None:
-                    offset, length, reading = current
-                    data = None
-                    if reading is not None:
-                        with _tagged(is_read=True):
-                            data = reading.result()
-                    current = None
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        current = start(nxt)
-                    with _tagged(is_read=False):
-                        write(offset, length, data)
-            finally:
-                # a read still running fills a buffer: let it end (errors dropped)
-                if current is not None and current[2] is not None:
-                    concurrent.futures.wait([current[2]])
+        def start(piece):
+            nonlocal slot
+            offset, length, read = piece
+            if not read:
+                return offset, length, None
+            buf, slot = self.buffers[slot], slot ^ 1
+            return offset, length, self._pool.submit(buf.read, node, offset, length)
+
+        nxt = next(it, None)
+        current = None if nxt is None else start(nxt)
+        try:
+            while current is not None:
+                offset, length, reading = current
+                data = None
+                if reading is not None:
+                    with _tagged(is_read=True):
+                        data = reading.result()
+                current = None
+                nxt = next(it, None)
+                if nxt is not None:
+                    current = start(nxt)
+                with _tagged(is_read=False):
+                    write(offset, length, data)
+        finally:
+            # a read still running fills a buffer: let it end (errors dropped)
+            if current is not None and current[2] is not None:
+                concurrent.futures.wait([current[2]])
 
 
 class DataExtentCache:

@@ -82,14 +82,15 @@ class CommitJob(Job):
         if base.total_size < size:
             base.truncate(size)
         self.progress_set_remaining(size)
-        copier = ReadAhead(PIECE)
         self.done_upto = 0
-        while self.done_upto < size:
-            try:
-                copier.copy(top, self._pieces(self.done_upto, size), self._write_piece)
-            except BlockError as e:
-                # commit_run(): anything but report retries the chunk
-                self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False), e)
+        with ReadAhead(PIECE) as copier:
+            while self.done_upto < size:
+                try:
+                    copier.copy(top, self._pieces(self.done_upto, size), self._write_piece)
+                except BlockError as e:
+                    # commit_run(): anything but report retries the chunk
+                    self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False),
+                                         e)
 
     def _pieces(self, pos: int, size: int):
         """The copy plan, one piece ahead of the writes: (offset, length, allocated

@@ -187,7 +187,11 @@ class MirrorJob(Job):
             return
         self._dirty_init(size)
         self.extents = DataExtentCache(self.source)
-        self.copier = ReadAhead(min(self.buf_size, PIECE))
+        with ReadAhead(min(self.buf_size, PIECE)) as self.copier:
+            self._copy_loop(size)
+
+    def _copy_loop(self, size: int) -> None:
+        """Copy what is dirty until READY, then what gets dirty, until the end."""
         cursor = 0
         while True:
             self._take_sync_write_error()

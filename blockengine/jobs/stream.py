@@ -130,25 +130,27 @@ class StreamJob(Job):
             return                      # nothing to stream (QEMU: len stays 0)
         size = self.top.total_size
         self.progress_set_remaining(size)
-        copier = ReadAhead(PIECE)
         self.done_upto = 0
         self.planned: dict[int, int] = {}       # start -> end of pieces not written yet
         first_error = None
-        while self.done_upto < size:
-            try:
-                # stream_populate(): the data read from the backing chain (unchanging
-                # while the job runs) ahead, copied up under top's lock (copy_up)
-                copier.copy(self.top.backing, self._pieces(self.done_upto, size),
-                            self._write_piece)
-            except BlockError as e:
-                # stream_run(): stop retries, ignore skips the piece but fails the job
-                # at the end (the backing chain is then left alone), report fails now
-                if self.handle_io_error(self.on_error_policy, getattr(e, "is_read", True), e):
-                    continue
-                first_error = first_error or e
-                end = self.planned.get(self.done_upto, self.done_upto + 1)
-                self.progress(end - self.done_upto)
-                self.done_upto = end
+        with ReadAhead(PIECE) as copier:
+            while self.done_upto < size:
+                try:
+                    # stream_populate(): the data read from the backing chain (unchanging
+                    # while the job runs) ahead, copied up under top's lock (copy_up)
+                    copier.copy(self.top.backing, self._pieces(self.done_upto, size),
+                                self._write_piece)
+                except BlockError as e:
+                    # stream_run(): stop retries, ignore skips the piece but fails the
+                    # job at the end (the backing chain is then left alone), report
+                    # fails now
+                    if self.handle_io_error(self.on_error_policy,
+                                            getattr(e, "is_read", True), e):
+                        continue
+                    first_error = first_error or e
+                    end = self.planned.get(self.done_upto, self.done_upto + 1)
+                    self.progress(end - self.done_upto)
+                    self.done_upto = end
         if first_error is not None:
             raise first_error
 
