@@ -41,6 +41,8 @@ def lookup_secret(secrets: dict | None, secret_id: str) -> bytes:
     data = secrets[secret_id]
     try:
         data.decode("utf-8")
+        if b"\0" in data:          # g_utf8_validate() with a length refuses a NUL
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), 1, "NUL")
     except UnicodeDecodeError:
         raise InvalidArgument("Data from secret %s is not valid UTF-8" % secret_id) from None
     return data

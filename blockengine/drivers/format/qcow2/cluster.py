@@ -634,8 +634,10 @@ class ClusterMixin:
         dfile = self.data_file
         crypto = getattr(self, "crypto", None)
         if crypto is not None:
-            # qcow2_co_encrypt(): LUKS payload sectors are numbered by host offset
-            enc = lambda off, buf: crypto.encrypt(off >> 9, buf) if len(buf) else buf
+            # qcow2_co_encrypt(): LUKS payload sectors are numbered by host offset, the
+            # legacy AES ones by guest offset (host - guest is constant in this write)
+            shift = 0 if self.crypt_physical_offset else guest - host
+            enc = lambda off, buf: crypto.encrypt((off + shift) >> 9, buf) if len(buf) else buf
         else:
             enc = lambda off, buf: buf
         if meta is None or (meta.cow_start.nb_bytes == 0 and meta.cow_end.nb_bytes == 0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ....errors import InvalidArgument, NotSupported
+from ....errors import InvalidArgument
 from ...base import PreallocMode
 from . import layout as L
 from .cache import parse_size
@@ -29,11 +29,16 @@ _ENCRYPT_KEYS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "ha
 
 def _encryption(opts: dict, secrets: dict | None):
     """qcow2_co_create_opts()'s encrypt handling + the QAPI checks of
-    QCryptoBlockCreateOptions: None, or (password, LuksBlock.create kwargs, iter_time)."""
+    QCryptoBlockCreateOptions: None, or (format, password, LuksBlock.create kwargs,
+    iter_time), format "luks" or "qcow" (legacy AES)."""
     from ..luks.driver import lookup_secret
     enc = {k[len("encrypt."):]: v for k, v in opts.items() if k.startswith("encrypt.")}
     if bool_option(opts.get("encryption"), "encryption"):
-        enc.setdefault("format", "qcow")
+        # qdict_rename_keys(): the legacy flag is encrypt.format=qcow under another name
+        if "format" in enc:
+            raise InvalidArgument("'encrypt.format' and its alias 'encryption' can't be "
+                                  "used at the same time")
+        enc["format"] = "qcow"
     if not enc:
         return None
     fmt = enc.get("format")
@@ -43,23 +48,33 @@ def _encryption(opts: dict, secrets: dict | None):
         fmt = "qcow"
     if fmt not in ("qcow", "luks"):
         raise InvalidArgument("Parameter 'format' does not accept value '%s'" % fmt)
-    if fmt == "qcow":
-        raise NotSupported("qcow2 AES encryption is not supported by blockengine")
+    if fmt == "qcow":       # QCryptoBlockCreateOptionsQCow: key-secret, nothing else
+        for key in enc:
+            if key not in ("format", "key-secret"):
+                raise InvalidArgument("Parameter 'encrypt.%s' is unexpected" % key)
     secret_id = enc.get("key-secret")
     if secret_id is None:
         raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
     password = lookup_secret(secrets, secret_id)
+    if fmt == "qcow":
+        return fmt, password, {}, 0
     kw = {k.replace("-", "_"): str(enc[k]) for k in _ENCRYPT_KEYS if k in enc}
     try:
         iter_time = int(enc.get("iter-time", 2000))
     except ValueError:
         raise InvalidArgument("Parameter 'iter-time' expects a number") from None
-    return password, kw, iter_time
+    return fmt, password, kw, iter_time
 
 
-def _set_up_encryption(s, fnode, password: bytes, kw: dict, iter_time: int) -> None:
-    """qcow2_set_up_encryption(): a LUKS header in freshly allocated, zeroed clusters
-    (qcow2_crypto_hdr_init_func), the CRYPTO header extension, crypt_method 2."""
+def _set_up_encryption(s, fnode, fmt: str, password: bytes, kw: dict,
+                       iter_time: int) -> None:
+    """qcow2_set_up_encryption(): for LUKS a header in freshly allocated, zeroed
+    clusters (qcow2_crypto_hdr_init_func), the CRYPTO header extension, crypt_method 2;
+    the legacy AES format ("qcow") has no header: crypt_method 1 only."""
+    if fmt == "qcow":
+        s.crypt_method_header = L.QCOW_CRYPT_AES
+        s.update_header()
+        return
     from ....crypto.luks import LuksBlock
     block = LuksBlock.create(password, iter_time=iter_time, **kw)
     headerlen = block.payload_offset
