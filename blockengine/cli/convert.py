@@ -149,7 +149,9 @@ class Converter:
         self.alignment = alignment
         self._next_status = 0
         self._status = BLK_DATA
-        self._cursors = [StatusCursor(s.node, above=not target_has_backing)
+        # holes taken whole: they are never written in pieces and the progress counts
+        # only data (with -S 0 zeroes too, but in buffer-sized steps either way)
+        self._cursors = [StatusCursor(s.node, above=not target_has_backing, merge_holes=True)
                          for s in self.sources]
         self._src_cur = 0
         self._src_cur_offset = 0
@@ -224,6 +226,10 @@ class Converter:
                     done += n
                     if self.progress is not None:
                         self.progress.print(100.0 * done / allocated, 0)
+                if status == BLK_BACKING_FILE or (status == BLK_ZERO and self.min_sparse
+                                                  and self.has_zero_init):
+                    sector += n     # nothing to write: the writer need not hear of it
+                    continue        # (a huge sparse image has one such chunk per L2 slice)
                 buf = writer.free_buffer()
                 if status == BLK_DATA:
                     try:

@@ -111,13 +111,19 @@ class StatusCursor:
 
     A caller that mostly asks inside runs (compare of differently laid out images)
     would waste most of each batch, so then the cursor asks one status at a time until
-    the caller walks run by run again."""
+    the caller walks run by run again.
+
+    With ``merge_holes`` an answer without data or host offset extends over the runs
+    after it in the batch with the same flags: for a caller whose result does not
+    depend on where such a range is cut (convert, compare without progress output),
+    a huge sparse image is then a few thousand answers instead of one per L2 slice."""
 
     SEQUENTIAL_TO_BULK = 8
 
-    def __init__(self, node, above: bool = True):
+    def __init__(self, node, above: bool = True, merge_holes: bool = False):
         self.node = node
         self.above = above
+        self.merge_holes = merge_holes
         self._runs: list = []
         self._i = 0
         self._pos = self._end = -1
@@ -151,6 +157,13 @@ class StatusCursor:
                 self._runs = [node.block_status(offset, length, True)]
             self._i, self._end = 0, end
             st = self._runs[0]
+        if self.merge_holes and not st.flags & (BLOCK_DATA | BLOCK_OFFSET_VALID):
+            runs, i, n = self._runs, self._i + 1, st.length
+            while i < len(runs) and runs[i].flags == st.flags:
+                n += runs[i].length
+                i += 1
+            st = st._replace(length=n)
+            self._i = i - 1
         self._i += 1
         self._pos = offset + st.length if st.length else -1
         return st

@@ -607,7 +607,7 @@ def _compare(img1, img2, name1, name2, strict, quiet, bar) -> int:
         report.qprint(quiet, "Strict mode: Image size mismatch!\n")
         return 1
     offset = 0
-    cur1, cur2 = StatusCursor(img1.node), StatusCursor(img2.node)
+    cur1, cur2 = (StatusCursor(img.node, merge_holes=not bar.enabled) for img in (img1, img2))
     # two reused buffers: a fresh one per read would cost more than the read
     from .. import _native
     from ..io.buffers import io_buffer

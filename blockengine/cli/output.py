@@ -257,6 +257,8 @@ class Progress:
 
     def print(self, delta: float, max_: int) -> None:
         """qemu_progress_print(): max 0 sets the value, else adds delta/100*max."""
+        if not self.enabled:        # nothing is shown: a huge sparse image calls this
+            return                  # per L2 slice, hundreds of thousands of times
         if max_ == 0:
             current = float32(delta)
         else:
@@ -268,9 +270,8 @@ class Progress:
                 or current < float32(self.last_print - self.min_skip)
                 or current == 0 or current == 100):
             self.last_print = current
-            if self.enabled:
-                self.out.write("    (%3.2f/100%%)\r" % current)
-                self.out.flush()
+            self.out.write("    (%3.2f/100%%)\r" % current)
+            self.out.flush()
 
     def end(self) -> None:
         if self.enabled:

@@ -17,6 +17,7 @@ import blockengine
 from blockengine import _native
 from blockengine.cli.imageinfo import (ExternalClusters, MapEntry, StatusCursor,
                                        block_status_entry, map_output)
+from blockengine.drivers.base import BLOCK_DATA, BLOCK_OFFSET_VALID
 from blockengine.drivers.format.qcow2.driver import Qcow2Driver
 
 KiB = 1 << 10
@@ -214,6 +215,21 @@ def test_batched_map_and_cursor_equal_per_extent(seed, data):
                     if step > 512 and data.draw(st.booleans()):
                         step = data.draw(st.integers(1, step - 1)) // 512 * 512 or step
                     offset += step
+            # merge_holes: a hole's answer spans the equal hole answers after it
+            for above in (True, False):
+                merged, plain = StatusCursor(node, above, True), StatusCursor(node, above)
+                offset = 0
+                while offset < size:
+                    got = merged.status(offset, size - offset)
+                    want = plain.status(offset, size - offset)
+                    covered = want.length
+                    if not want.flags & (BLOCK_DATA | BLOCK_OFFSET_VALID):
+                        while covered < got.length:
+                            more = plain.status(offset + covered, size - offset - covered)
+                            assert more.flags == want.flags
+                            covered += more.length
+                    assert got == want._replace(length=covered)
+                    offset += covered
 
 
 @random_chains(30)

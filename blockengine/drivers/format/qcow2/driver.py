@@ -27,8 +27,8 @@ from .cache import Qcow2Cache, cache_sizes
 from .cluster import ZEROES as _ZEROES, ClusterMixin, L2Meta, CowRegion, zero_fill as _zero
 from .compress import compress_many, decompress
 from .native import N
-from .layout import (SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC, SC_UNALLOCATED_PLAIN,
-                     SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
+from .layout import (L1E_OFFSET_MASK, SC_COMPRESSED, SC_NORMAL, SC_UNALLOCATED_ALLOC,
+                     SC_UNALLOCATED_PLAIN, SC_ZERO_ALLOC, SC_ZERO_PLAIN, Header)
 from .refcount import RefcountMixin
 from .bitmap import Qcow2BitmapMixin
 from .amend import AMEND_OPTS, amend_options
@@ -183,8 +183,9 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         if h.crypt_method:
             if h.crypt_method > L.QCOW_CRYPT_LUKS:
                 raise InvalidArgument("Unsupported encryption method %d" % h.crypt_method)
-        # LUKS tweaks by host sector; legacy AES by guest sector (crypt_physical_offset)
-        self.crypt_physical_offset = h.crypt_method != L.QCOW_CRYPT_AES
+            if h.crypt_method == L.QCOW_CRYPT_AES:
+                raise NotSupported("qcow2 AES encryption (crypt_method 1) is not supported "
+                                   "by blockengine")
         self.l2e_size = L.L2E_SIZE_EXTENDED if self.extended else L.L2E_SIZE_NORMAL
         self.l2_bits = cb - (self.l2e_size.bit_length() - 1)
         self.l2_size = 1 << self.l2_bits
@@ -229,8 +230,6 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         exts = self._read_extensions(h.header_length, ext_end, parse=True)
         if "crypto" in exts:
             self._open_crypto(exts["crypto"], encrypt_opts)
-        if self.crypt_method_header == L.QCOW_CRYPT_AES and self.crypto is None:
-            self._open_aes(encrypt_opts)
         if self.crypt_method_header and self.crypto is None and not self.node.no_io:
             raise InvalidArgument("Missing CRYPTO header for crypt method %d"
                                   % self.crypt_method_header)
@@ -430,10 +429,6 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             if fmt and fmt != "luks":
                 raise InvalidArgument("Header reported 'luks' encryption format but options "
                                       "specify '%s'" % fmt)
-        elif self.crypt_method_header == L.QCOW_CRYPT_AES:
-            if fmt and fmt != "aes":
-                raise InvalidArgument("Header reported 'aes' encryption format but options "
-                                      "specify '%s'" % fmt)
 
     def _open_crypto(self, ext: tuple[int, int], enc: dict) -> None:
         """The CRYPTO header extension branch of qcow2_read_extensions():
@@ -449,18 +444,6 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
                 raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
             password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
         self.crypto = LuksBlock.load(self._crypto_hdr_read, password)
-
-    def _open_aes(self, enc: dict) -> None:
-        """qcrypto_block_qcow_open(): the legacy AES key comes from the secret alone."""
-        from ..luks.driver import lookup_secret
-        from ....crypto.qcow import QcowBlock
-        password = None
-        if not self.node.no_io:
-            secret_id = enc.get("key-secret")
-            if secret_id is None:
-                raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
-            password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
-        self.crypto = QcowBlock(password)
 
     def _crypto_hdr_read(self, offset: int, length: int) -> bytes:
         """qcow2_crypto_hdr_read_func()."""
@@ -763,7 +746,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
 
     def _encrypt_info(self) -> dict:
         """ImageInfoSpecificQCow2Encryption: the format, then QCryptoBlockInfoLUKS."""
-        out = {"format": "aes" if self.crypt_method_header == L.QCOW_CRYPT_AES else "luks"}
+        out = {"format": "luks"}
         out.update(self.crypto.info())
         return out
 
@@ -815,9 +798,8 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
                 if t == SC_NORMAL:
                     self.data_file_read(host, view)
                     if self.crypto is not None:
-                        # qcow2_co_preadv_encrypted(): LUKS by host, AES by guest sector
-                        self.crypto.cipher.decrypt_into(
-                            (host if self.crypt_physical_offset else offset + pos) >> 9, view)
+                        # qcow2_co_preadv_encrypted(): LUKS tweaks by host sector
+                        self.crypto.cipher.decrypt_into(host >> 9, view)
                 elif t == SC_ZERO_PLAIN or t == SC_ZERO_ALLOC:
                     _zero(view)
                 elif t == SC_UNALLOCATED_PLAIN or t == SC_UNALLOCATED_ALLOC:
@@ -864,8 +846,30 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         if self.metadata_preallocation is None:
             self.metadata_preallocation = self._detect_metadata_preallocation()
         conv = self._run_status
-        return [conv(n, t, host) for n, t, host in
-                self.get_host_runs(offset, min(length, 0x7FFFFFFF), stop_at_error=True)]
+        length = min(length, 0x7FFFFFFF)
+        runs = [conv(n, t, host) for n, t, host in
+                self.get_host_runs(offset, length, stop_at_error=True)]
+        # slices of unallocated L2 tables after this one: their answers too (each what
+        # a lookup would give; one Status object for all, which the generic layer
+        # recognises), so walking a huge sparse image is not a call per slice
+        covered = sum(st.length for st in runs)
+        slice_bytes = self.l2_slice_size << self.cluster_bits
+        table_slices = self.l2_size // self.l2_slice_size
+        hole = conv(slice_bytes, SC_UNALLOCATED_PLAIN, 0)
+        while length - covered >= slice_bytes and self._no_l2_table(offset + covered):
+            k = min(table_slices - ((offset + covered) // slice_bytes) % table_slices,
+                    (length - covered) // slice_bytes)
+            runs += [hole] * k      # up to the end of this L1 entry's range
+            covered += k * slice_bytes
+        if covered < length and self._no_l2_table(offset + covered):
+            runs.append(conv(length - covered, SC_UNALLOCATED_PLAIN, 0))
+        return runs
+
+    def _no_l2_table(self, offset: int) -> bool:
+        """Does no L2 table cover this slice-aligned offset?  (No corruption check:
+        the lookup at the offset itself signals that.)"""
+        l1_index = offset >> (self.cluster_bits + self.l2_bits)
+        return l1_index >= self.l1_size or not self.l1_table[l1_index] & L1E_OFFSET_MASK
 
     def map_packed(self, offset: int, length: int, file_id) -> tuple[bytes, int] | None:
         """`img map` entries from offset to the end of its L2 slice in one native
@@ -883,12 +887,17 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         cb, cs = self.cluster_bits, self.cluster_size
         in_cluster = offset & (cs - 1)
         l1_index, slice_no, idx = self._l2_location(offset)
+        total = length
         length = min(length, ((self.l2_slice_size - idx) << cb) - in_cluster)
         unallocated = N.MAP_STOP if self.node.cow_child() is not None else N.MAP_ZERO
         l2_offset = self._l2_offset_for_read(l1_index)
         if not l2_offset:
             if unallocated == N.MAP_STOP:
                 return None
+            # and the unallocated slices after it: map merges them into one entry
+            slice_bytes = self.l2_slice_size << cb
+            while length < total and self._no_l2_table(offset + length):
+                length = min(length + slice_bytes, total)
             return N.MAP_ENTRY.pack(offset, length, 0, N.MAP_ZERO, 0, 0, 0), length
         table = self.l2_cache.get(l2_offset + slice_no * self.l2_slice_bytes)
         return N.l2_map(table, idx, (in_cluster + length + cs - 1) >> cb, cb, offset,
