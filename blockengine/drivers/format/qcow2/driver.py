@@ -183,9 +183,8 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         if h.crypt_method:
             if h.crypt_method > L.QCOW_CRYPT_LUKS:
                 raise InvalidArgument("Unsupported encryption method %d" % h.crypt_method)
-            if h.crypt_method == L.QCOW_CRYPT_AES:
-                raise NotSupported("qcow2 AES encryption (crypt_method 1) is not supported "
-                                   "by blockengine")
+        # LUKS tweaks by host sector; legacy AES by guest sector (crypt_physical_offset)
+        self.crypt_physical_offset = h.crypt_method != L.QCOW_CRYPT_AES
         self.l2e_size = L.L2E_SIZE_EXTENDED if self.extended else L.L2E_SIZE_NORMAL
         self.l2_bits = cb - (self.l2e_size.bit_length() - 1)
         self.l2_size = 1 << self.l2_bits
@@ -230,6 +229,8 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         exts = self._read_extensions(h.header_length, ext_end, parse=True)
         if "crypto" in exts:
             self._open_crypto(exts["crypto"], encrypt_opts)
+        if self.crypt_method_header == L.QCOW_CRYPT_AES and self.crypto is None:
+            self._open_aes(encrypt_opts)
         if self.crypt_method_header and self.crypto is None and not self.node.no_io:
             raise InvalidArgument("Missing CRYPTO header for crypt method %d"
                                   % self.crypt_method_header)
@@ -429,6 +430,10 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
             if fmt and fmt != "luks":
                 raise InvalidArgument("Header reported 'luks' encryption format but options "
                                       "specify '%s'" % fmt)
+        elif self.crypt_method_header == L.QCOW_CRYPT_AES:
+            if fmt and fmt != "aes":
+                raise InvalidArgument("Header reported 'aes' encryption format but options "
+                                      "specify '%s'" % fmt)
 
     def _open_crypto(self, ext: tuple[int, int], enc: dict) -> None:
         """The CRYPTO header extension branch of qcow2_read_extensions():
@@ -444,6 +449,18 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
                 raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
             password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
         self.crypto = LuksBlock.load(self._crypto_hdr_read, password)
+
+    def _open_aes(self, enc: dict) -> None:
+        """qcrypto_block_qcow_open(): the legacy AES key comes from the secret alone."""
+        from ..luks.driver import lookup_secret
+        from ....crypto.qcow import QcowBlock
+        password = None
+        if not self.node.no_io:
+            secret_id = enc.get("key-secret")
+            if secret_id is None:
+                raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+            password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
+        self.crypto = QcowBlock(password)
 
     def _crypto_hdr_read(self, offset: int, length: int) -> bytes:
         """qcow2_crypto_hdr_read_func()."""
@@ -746,7 +763,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
 
     def _encrypt_info(self) -> dict:
         """ImageInfoSpecificQCow2Encryption: the format, then QCryptoBlockInfoLUKS."""
-        out = {"format": "luks"}
+        out = {"format": "aes" if self.crypt_method_header == L.QCOW_CRYPT_AES else "luks"}
         out.update(self.crypto.info())
         return out
 
@@ -798,8 +815,9 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
                 if t == SC_NORMAL:
                     self.data_file_read(host, view)
                     if self.crypto is not None:
-                        # qcow2_co_preadv_encrypted(): LUKS tweaks by host sector
-                        self.crypto.cipher.decrypt_into(host >> 9, view)
+                        # qcow2_co_preadv_encrypted(): LUKS by host, AES by guest sector
+                        self.crypto.cipher.decrypt_into(
+                            (host if self.crypt_physical_offset else offset + pos) >> 9, view)
                 elif t == SC_ZERO_PLAIN or t == SC_ZERO_ALLOC:
                     _zero(view)
                 elif t == SC_UNALLOCATED_PLAIN or t == SC_UNALLOCATED_ALLOC:
