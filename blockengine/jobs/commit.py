@@ -94,11 +94,16 @@ class CommitJob(Job):
 
     def _pieces(self, pos: int, size: int):
         """The copy plan, one piece ahead of the writes: (offset, length, allocated
-        above base -- to copy)."""
+        above base -- to copy).  Each question covers the rest of the image and its
+        answer is cut into pieces: the images from top down to base are not written
+        while the job runs (the guest writes above top), so it stays true."""
+        run_end, allocated = pos, False
         while pos < size:
             self.pause_point()
-            allocated, n = self.top.is_allocated_above(pos, min(PIECE, size - pos), self.base)
-            n = max(1, n)
+            if pos >= run_end:
+                allocated, n = self.top.is_allocated_above(pos, size - pos, self.base)
+                run_end = pos + max(1, n)
+            n = min(PIECE, run_end - pos)
             yield pos, n, allocated
             pos += n
 

@@ -159,14 +159,21 @@ class StreamJob(Job):
         base, and not in top)."""
         top, backing = self.top, self.top.backing
         self.planned.clear()
+        # the intermediate images are not written while the job runs: one question
+        # about them covers the rest of the image (top is asked piece by piece, the
+        # guest writes it)
+        below_end, below_allocated = pos, False
         while pos < size:
             self.pause_point()
             allocated, n = top.is_allocated_above(pos, min(PIECE, size - pos), backing)
             n = max(1, n)
             copy = False
             if not allocated and backing is not None and backing is not self.base:
-                copy, n = backing.is_allocated_above(pos, n, self.base)
-                n = max(1, n)
+                if pos >= below_end:
+                    below_allocated, m = backing.is_allocated_above(pos, size - pos,
+                                                                    self.base)
+                    below_end = pos + max(1, m)
+                copy, n = below_allocated, min(n, below_end - pos)
             self.planned[pos] = pos + n
             yield pos, n, copy
             pos += n
