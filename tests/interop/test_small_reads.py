@@ -137,3 +137,53 @@ def test_small_read_past_the_end_of_a_truncated_file(tmp_path):
         assert buf == b"\x66" * 1024 + bytes(3072)
         img.readinto(132096, memoryview(buf)[:512])
         assert buf[:512] == bytes(512)
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+def test_small_writes_match_qemu(tmp_path, cluster_size):
+    # in-place writes into allocated clusters take the one-cluster fast path; clusters
+    # shared with an internal snapshot (no OFLAG_COPIED), zero, compressed and
+    # unallocated ones need COW or allocation: the general path
+    qemu_img = require_tool("qemu-img")
+    top, _ = _make_image(tmp_path, cluster_size)
+    subprocess.run([qemu_img, "rebase", "-q", "-u", "-b", "", top], check=True)
+    subprocess.run([qemu_img, "snapshot", "-c", "snap", top], check=True)
+    _qemu_io(top, f"write -P 0x77 {13 * cluster_size} 512",     # COW: copied again
+             f"write -P 0x78 {15 * cluster_size} {cluster_size}",
+             f"write -P 0x79 {14 * cluster_size} {cluster_size}",  # zeroed in place:
+             f"write -z {14 * cluster_size} {cluster_size}")       # zero flag + host
+    with blockengine.open(top, "qcow2", read_only=True) as img:
+        drv = img.node.drv
+        assert drv.get_host_runs(14 * cluster_size, 1)[0][1] == SC_ZERO_ALLOC
+    raw = str(tmp_path / "before.raw")
+    subprocess.run([qemu_img, "convert", "-O", "raw", top, raw], check=True)
+    with open(raw, "rb") as f:
+        model = bytearray(f.read())
+    snap_before = str(tmp_path / "snap_before.raw")
+    subprocess.run([qemu_img, "convert", "-O", "raw", "-l", "snap", top, snap_before],
+                   check=True)
+    rng = random.Random(cluster_size + 1)
+    with blockengine.open(top, "qcow2") as img:
+        for i in range(16):                # first one small write into every kind
+            offset, data = i * cluster_size + 100, bytes([0xc0 + i]) * 300
+            img.write(offset, data)
+            model[offset:offset + 300] = data
+            assert img.read(i * cluster_size, cluster_size) == \
+                model[i * cluster_size:(i + 1) * cluster_size], i
+        for i, (offset, length) in enumerate(_requests(cluster_size, len(model), 600, 3)):
+            data = bytes([i % 251 + 1]) * length
+            img.write(offset, data)
+            model[offset:offset + length] = data
+            if rng.random() < 0.1:         # reads see the writes at once
+                assert img.read(offset, length) == data
+    after = str(tmp_path / "after.raw")
+    subprocess.run([qemu_img, "convert", "-O", "raw", top, after], check=True)
+    with open(after, "rb") as f:
+        assert f.read() == model
+    snap_after = str(tmp_path / "snap_after.raw")
+    subprocess.run([qemu_img, "convert", "-O", "raw", "-l", "snap", top, snap_after],
+                   check=True)
+    with open(snap_before, "rb") as a, open(snap_after, "rb") as b:
+        assert a.read() == b.read()               # the snapshot's clusters were copied
+    check = subprocess.run([qemu_img, "check", top], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -297,31 +297,37 @@ class ClusterMixin:
             i += 1
         return [tuple(r) for r in out]
 
-    def read_in_cluster(self, offset: int, buf: memoryview) -> bool:
-        """The small-read fast path: qcow2_get_host_offset() of one cluster then one
-        read.  ``buf`` must not cross a cluster boundary.  Handles a plain standard L2
-        entry (data, zero, unallocated) of an image without data file or encryption
-        and returns True; returns False having done nothing for anything else
-        (compressed, reserved bits, unaligned offsets: the general path classifies
-        them and signals corruption)."""
+    def _plain_l2_entry(self, offset: int) -> int | None:
+        """The standard L2 entry of offset's cluster for the one-cluster fast paths
+        (qcow2_get_host_offset()'s lookup): 0 when no L2 table covers it, None when the
+        general path must decide (extended L2, a data file, encryption, an unaligned
+        L2 table offset, which it reports as corruption)."""
         if self.extended or self.has_data_file or self.crypto is not None:
-            return False
+            return None
         cb = self.cluster_bits
         l1_index = offset >> (cb + self.l2_bits)
         if l1_index >= self.l1_size:
-            self._read_backing(offset, buf)
-            return True
-        cs = self.cluster_size
+            return 0
         l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
-        if l2_offset & (cs - 1):
-            return False
+        if l2_offset & (self.cluster_size - 1):
+            return None
         if not l2_offset:
-            self._read_backing(offset, buf)
-            return True
+            return 0
         l2_index = (offset >> cb) & (self.l2_size - 1)
         per_slice = self.l2_slice_size
         table = self.l2_cache.get(l2_offset + l2_index // per_slice * self.l2_slice_bytes)
-        e = _BE64_AT(table, (l2_index % per_slice) << 3)[0]
+        return _BE64_AT(table, (l2_index % per_slice) << 3)[0]
+
+    def read_in_cluster(self, offset: int, buf: memoryview) -> bool:
+        """The small-read fast path: one L2 lookup then one read.  ``buf`` must not
+        cross a cluster boundary.  Handles a plain standard L2 entry (data, zero,
+        unallocated) and returns True; returns False having done nothing for anything
+        else (compressed, reserved bits, unaligned offsets: the general path classifies
+        them and signals corruption)."""
+        e = self._plain_l2_entry(offset)
+        if e is None:
+            return False
+        cs = self.cluster_size
         host = e & L2E_OFFSET_MASK
         if e & _SCAN_BITS or host & (cs - 1):
             return False
@@ -331,6 +337,25 @@ class ClusterMixin:
             self._read_backing(offset, buf)
         else:
             self.data_file_read(host + (offset & (cs - 1)), buf)
+        return True
+
+    def write_in_cluster(self, offset: int, data: memoryview) -> bool:
+        """The small-write fast path: a write inside one cluster that is allocated,
+        not shared (OFLAG_COPIED) and reads as data needs no allocation, COW or L2
+        update (handle_copied() keeps it, calculate_l2_meta() finds nothing to do): the
+        overlap check and the data write.  Returns False having done nothing for
+        anything else, which the general path handles."""
+        e = self._plain_l2_entry(offset)
+        if not e or not e & QCOW_OFLAG_COPIED or e & (_SCAN_BITS | QCOW_OFLAG_ZERO):
+            return False
+        cs = self.cluster_size
+        host = e & L2E_OFFSET_MASK
+        if not host or host & (cs - 1):
+            return False
+        host += offset & (cs - 1)
+        self.pre_write_overlap_check(0, host, len(data), True)
+        # through the file node (not its descriptor): it counts writes for flush
+        self.data_file.pwrite(host, data)
         return True
 
     def data_file_read(self, host: int, buf: memoryview) -> None:

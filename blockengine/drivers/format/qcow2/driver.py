@@ -959,6 +959,10 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         self._begin_write()
         data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
         pos, total = 0, len(data)
+        # a write inside one allocated cluster (the common small write) goes in place
+        if (offset & (self.cluster_size - 1)) + total <= self.cluster_size \
+                and self.write_in_cluster(offset, data):
+            pos = total
         while pos < total:
             cur = min(total - pos, 0x7FFFFFFF)
             done, host, segs = self.alloc_host_offset(offset + pos, cur)
