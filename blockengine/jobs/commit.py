@@ -17,7 +17,7 @@ from ..drivers.filter.commit_top import CommitTopDriver
 from ..drivers.filter.common import drop_filter, open_implicit_filter
 from ..errors import BlockError
 from ..graph.perms import Perm
-from .block_copy import ReadAhead
+from .block_copy import CopyBuffer, copy_pieces
 from .job import Job
 from .mirror import JobBackend, MirrorJob
 from .stream import change_backing
@@ -82,19 +82,18 @@ class CommitJob(Job):
         if base.total_size < size:
             base.truncate(size)
         self.progress_set_remaining(size)
+        buffer = CopyBuffer(PIECE)
         self.done_upto = 0
-        with ReadAhead(PIECE) as copier:
-            while self.done_upto < size:
-                try:
-                    copier.copy(top, self._pieces(self.done_upto, size), self._write_piece)
-                except BlockError as e:
-                    # commit_run(): anything but report retries the chunk
-                    self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False),
-                                         e)
+        while self.done_upto < size:
+            try:
+                copy_pieces(top, self._pieces(self.done_upto, size), self._write_piece,
+                            buffer)
+            except BlockError as e:
+                # commit_run(): anything but report retries the chunk
+                self.handle_io_error(self.on_error_policy, getattr(e, "is_read", False), e)
 
     def _pieces(self, pos: int, size: int):
-        """The copy plan, one piece ahead of the writes: (offset, length, allocated
-        above base -- to copy).  Each question covers the rest of the image and its
+        """The copy plan: (offset, length, allocated above base -- to copy).  Each question covers the rest of the image and its
         answer is cut into pieces: the images from top down to base are not written
         while the job runs (the guest writes above top), so it stays true."""
         run_end, allocated = pos, False

@@ -38,12 +38,11 @@ from ..drivers.filter.mirror_top import MirrorTopDriver
 from ..errors import BlockError, InvalidArgument, JobError
 from ..graph.backend import BlockBackend
 from ..graph.perms import Perm
-from .block_copy import DataExtentCache, ReadAhead
+from .block_copy import CopyBuffer, DataExtentCache, copy_pieces
 from .job import Job, device_name
 
 DEFAULT_BUF_SIZE = 16 << 20
-MAX_CHUNK = 16 << 20    # one iteration's run (QEMU: buf-size in flight)
-PIECE = 2 << 20         # ... copied in pieces, the next one read while one is written
+MAX_CHUNK = 4 << 20
 COPY_MODES = ("background", "write-blocking")
 
 
@@ -187,8 +186,8 @@ class MirrorJob(Job):
             return
         self._dirty_init(size)
         self.extents = DataExtentCache(self.source)
-        with ReadAhead(min(self.buf_size, PIECE)) as self.copier:
-            self._copy_loop(size)
+        self.buffer = CopyBuffer(min(self.buf_size, MAX_CHUNK))
+        self._copy_loop(size)
 
     def _copy_loop(self, size: int) -> None:
         """Copy what is dirty until READY, then what gets dirty, until the end."""
@@ -263,8 +262,8 @@ class MirrorJob(Job):
             try:
                 # no synchronous guest write between a piece's read and its write
                 with self.copy_lock:
-                    self.copier.copy(self.source, self._pieces(self.copied_upto, end),
-                                     self._write_piece)
+                    copy_pieces(self.source, self._pieces(self.copied_upto, end),
+                                self._write_piece, self.buffer)
             except BlockError as e:
                 is_read = getattr(e, "is_read", True)      # block status: a read
                 policy = self.on_source_error if is_read else self.on_target_error
@@ -277,7 +276,7 @@ class MirrorJob(Job):
     def _pieces(self, pos: int, end: int):
         """The copy plan of [pos, end): (offset, length, data -- else zeroes)."""
         while pos < end:
-            flags, n = self.extents.status(pos, min(self.copier.piece, end - pos))
+            flags, n = self.extents.status(pos, end - pos)
             n = max(1, n)
             yield pos, n, not flags & BLOCK_ZERO
             pos += n

@@ -4,9 +4,8 @@
 As QEMU 7.2 does, the job inserts a ``copy-on-read`` filter above the top node (named
 by ``filter-node-name``, else implicit) with ``bottom`` the lowest intermediate image,
 and walks the image: a range already allocated in the top node is skipped, a range
-allocated in an intermediate image is read from the backing chain (in a helper thread,
-one piece ahead: ``ReadAhead``) and copied up into the top by the filter's copy half
-(``copy_on_read.copy_up``).  Each copy happens under the top node's lock after
+allocated in an intermediate image is read from the backing chain and copied up into
+the top by the filter's copy half (``copy_on_read.copy_up``).  Each copy happens under the top node's lock after
 re-checking the allocation, so a guest write to the same range either lands before
 (the range is then allocated and skipped) or after (and overwrites the copied old
 data): never lost.  Guest reads through the filter copy on read as well.
@@ -22,7 +21,7 @@ from ..errors import BlockError, prefixed
 from ..graph.child import ChildRole
 from ..graph.node import BlockNode
 from ..graph.perms import Perm
-from .block_copy import ReadAhead
+from .block_copy import CopyBuffer, copy_pieces
 from .job import Job
 from .mirror import JobBackend
 
@@ -131,26 +130,24 @@ class StreamJob(Job):
         size = self.top.total_size
         self.progress_set_remaining(size)
         self.done_upto = 0
-        self.planned: dict[int, int] = {}       # start -> end of pieces not written yet
+        self.planned: dict[int, int] = {}       # start -> end of the pieces planned
         first_error = None
-        with ReadAhead(PIECE) as copier:
-            while self.done_upto < size:
-                try:
-                    # stream_populate(): the data read from the backing chain (unchanging
-                    # while the job runs) ahead, copied up under top's lock (copy_up)
-                    copier.copy(self.top.backing, self._pieces(self.done_upto, size),
-                                self._write_piece)
-                except BlockError as e:
-                    # stream_run(): stop retries, ignore skips the piece but fails the
-                    # job at the end (the backing chain is then left alone), report
-                    # fails now
-                    if self.handle_io_error(self.on_error_policy,
-                                            getattr(e, "is_read", True), e):
-                        continue
-                    first_error = first_error or e
-                    end = self.planned.get(self.done_upto, self.done_upto + 1)
-                    self.progress(end - self.done_upto)
-                    self.done_upto = end
+        buffer = CopyBuffer(PIECE)
+        while self.done_upto < size:
+            try:
+                # stream_populate(): the data read from the backing chain (which does not
+                # change while the job runs), copied up under top's lock (copy_up)
+                copy_pieces(self.top.backing, self._pieces(self.done_upto, size),
+                            self._write_piece, buffer)
+            except BlockError as e:
+                # stream_run(): stop retries, ignore skips the piece but fails the job
+                # at the end (the backing chain is then left alone), report fails now
+                if self.handle_io_error(self.on_error_policy, getattr(e, "is_read", True), e):
+                    continue
+                first_error = first_error or e
+                end = self.planned.get(self.done_upto, self.done_upto + 1)
+                self.progress(end - self.done_upto)
+                self.done_upto = end
         if first_error is not None:
             raise first_error
 
