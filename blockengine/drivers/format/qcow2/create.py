@@ -9,9 +9,9 @@ is set.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
-from ....errors import InvalidArgument
+from ....errors import BlockError, InvalidArgument, prefixed
 from ...base import PreallocMode
 from . import layout as L
 from .cache import parse_size
@@ -31,7 +31,6 @@ def _encryption(opts: dict, secrets: dict | None):
     """qcow2_co_create_opts()'s encrypt handling + the QAPI checks of
     QCryptoBlockCreateOptions: None, or (format, password, LuksBlock.create kwargs,
     iter_time), format "luks" or "qcow" (legacy AES)."""
-    from ..luks.driver import lookup_secret
     enc = {k[len("encrypt."):]: v for k, v in opts.items() if k.startswith("encrypt.")}
     if bool_option(opts.get("encryption"), "encryption"):
         # qdict_rename_keys(): the legacy flag is encrypt.format=qcow under another name
@@ -55,6 +54,7 @@ def _encryption(opts: dict, secrets: dict | None):
     secret_id = enc.get("key-secret")
     if secret_id is None:
         raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+    from ..luks.driver import lookup_secret     # the LUKS code only when encrypting
     password = lookup_secret(secrets, secret_id)
     if fmt == "qcow":
         return fmt, password, {}, 0
@@ -88,20 +88,11 @@ def _set_up_encryption(s, fnode, fmt: str, password: bytes, kw: dict,
     s.update_header()
 
 
-class CreateParams(NamedTuple):
-    """qcow2_co_create()'s validated options (``check_create_options``)."""
-    version: int
-    cluster_size: int
-    refcount_order: int
-    lazy_refcounts: bool
-    extended_l2: bool
-    compression_type: int
-    prealloc: PreallocMode
-    backing_file: str | None
-    backing_fmt: str | None
-    has_data_file: bool
-    data_file_raw: bool
-    encryption: tuple | None
+# qcow2_co_create()'s validated options (``check_create_options``); collections'
+# namedtuple, not typing's NamedTuple: importing typing costs `img create` start-up
+CreateParams = namedtuple("CreateParams", (
+    "version cluster_size refcount_order lazy_refcounts extended_l2 compression_type "
+    "prealloc backing_file backing_fmt has_data_file data_file_raw encryption"))
 
 
 def check_create_options(opts: dict, secrets: dict | None = None) -> CreateParams:
@@ -176,25 +167,33 @@ def check_create_options(opts: dict, secrets: dict | None = None) -> CreateParam
 
 
 def create(filename: str, size: int, opts: dict, secrets: dict | None = None) -> None:
-    """qcow2_co_create_opts(): create the file (and data file), then format them."""
-    from ...protocol.file import FileDriver
+    """qcow2_co_create_opts(): create the file (and data file), then format them;
+    on failure both are deleted again, as QEMU does."""
+    from ...protocol.file import FileDriver, delete_file_noerr
     from ....graph.graph import Graph
 
     params = check_create_options(opts, secrets)
     data_file = opts.get("data_file")
     size = -(-int(size) // 512) * 512
     FileDriver.create(filename, 0, {})
-    if data_file:
-        FileDriver.create(data_file, 0, {})
-    graph = Graph()
+    created_data_file = None
     try:
-        fnode = graph.open_node({"driver": "file", "filename": filename})
-        dnode = None
         if data_file:
-            dnode = graph.open_node({"driver": "file", "filename": data_file})
-        format_nodes(graph, fnode, dnode, data_file, size, params)
-    finally:
-        graph.close_all()
+            FileDriver.create(data_file, 0, {})
+            created_data_file = data_file
+        graph = Graph()
+        try:
+            fnode = graph.open_node({"driver": "file", "filename": filename})
+            dnode = None
+            if data_file:
+                dnode = graph.open_node({"driver": "file", "filename": data_file})
+            format_nodes(graph, fnode, dnode, data_file, size, params)
+        finally:
+            graph.close_all()
+    except BaseException:
+        delete_file_noerr(filename)
+        delete_file_noerr(created_data_file)
+        raise
 
 
 def format_nodes(graph, fnode, dnode, data_file_name: str | None, size: int,
@@ -245,7 +244,11 @@ def format_nodes(graph, fnode, dnode, data_file_name: str | None, size: int,
         if dnode is not None:
             s.image_data_file = data_file_name
         s.update_header()
-        node.truncate(size, prealloc=prealloc)
+        try:
+            # blk_truncate() takes the uint64 QAPI size as an int64_t
+            node.truncate(size - (1 << 64) if size >= 1 << 63 else size, prealloc=prealloc)
+        except BlockError as e:
+            raise prefixed(e, "Could not resize image: ") from e
         if backing_file:
             if len(backing_file) > 1023:
                 raise InvalidArgument("Could not assign backing file '%s' with format '%s'"
