@@ -15,7 +15,6 @@ import threading
 
 from ..drivers.base import DriverKind
 from ..io.request import check_node_length
-from ..io.throttle import ThrottleGroups
 from ..errors import BlockError, InvalidArgument, PermissionConflict, prefixed
 from .child import BdrvChild, ChildRole
 from .filename import (infer_file_protocol, is_json_filename, join_options,
@@ -43,9 +42,20 @@ class Graph:
         self.lock = threading.RLock()
         self.events = events if events is not None else EventSink()
         self.secrets: dict[str, bytes] = {}          # --object secret,...
-        self.throttle_groups = ThrottleGroups()
+        self._throttle_groups = None
         # run by close_all() first (the job layer cancels its jobs here)
         self.before_close: list = []
+
+    @property
+    def throttle_groups(self):
+        """The graph's ThrottleGroups, made on first use (tools never throttle, and
+        the module costs their start-up)."""
+        if self._throttle_groups is None:
+            from ..io.throttle import ThrottleGroups
+            with self.lock:
+                if self._throttle_groups is None:
+                    self._throttle_groups = ThrottleGroups()
+        return self._throttle_groups
 
     # ---- lookup ---------------------------------------------------------------------
     def find_node(self, name: str) -> BlockNode | None:

@@ -99,13 +99,18 @@ def test_own_methods_are_kept():
     assert repr(Named("x")) == "<x>"
 
 
-def test_img_and_io_start_up_does_not_import_dataclasses(tmp_path):
-    # the point of _record: the start-up path of every img/io command stays without
-    # dataclasses (and so inspect, ast, dis, tokenize)
+def test_img_and_io_start_up_imports_nothing_heavy(tmp_path):
+    # the point of _record and of the lazy imports: the start-up path of the img/io
+    # commands (their modules, the qcow2 and raw drivers) stays without dataclasses
+    # (inspect, ast, dis, tokenize), typing, ctypes, thread pools, throttling, crypto,
+    # QMP and jobs, which cost a short command most of its time
+    heavy = ("dataclasses", "inspect", "typing", "ctypes", "concurrent.futures", "base64",
+             "blockengine.io.throttle", "blockengine.crypto", "blockengine.qmp",
+             "blockengine.jobs")
     code = ("import sys; import blockengine.cli.img, blockengine.cli.io, "
-            "blockengine.drivers.format.qcow2.driver, blockengine.drivers.format.raw; "
-            "print(sorted(m for m in ('dataclasses', 'inspect', 'typing', 'ctypes', "
-            "'concurrent.futures') if m in sys.modules))")
+            "blockengine.drivers.format.qcow2.driver, blockengine.drivers.format.raw, "
+            "blockengine.graph.graph; blockengine.graph.graph.Graph(); "
+            "print(sorted(m for m in %r if m in sys.modules))" % (heavy,))
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, env={"PYTHONPATH": ":".join(sys.path)})
     assert out.stdout.strip() == "[]"
