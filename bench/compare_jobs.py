@@ -227,6 +227,11 @@ def best(runs) -> tuple[float, float]:
     return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (CPU times of tiny images are whole clock ticks)."""
+    return a / b if b else float("nan")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -262,7 +267,9 @@ def main() -> int:
                 if args.only in case.name:
                     profile_job(case, work, size)
             return 0
-        print(f"{args.size_mib} MiB random data in {work}; best of {args.repeat}")
+        # a shared machine's load moves wall times by 2x: say what it was
+        print(f"{args.size_mib} MiB random data in {work}; best of {args.repeat}; "
+              "load average %.2f %.2f %.2f" % os.getloadavg())
         print(f"{'job':24} {'convert s':>9} {'qsd s':>7} {'be s':>7} {'be MiB/s':>8} "
               f"{'be/qsd':>6} {'be/convert':>10} {'qsd/convert':>11}   CPU s: "
               f"{'convert':>7} {'qsd':>6} {'be':>6} {'be/qsd':>6}")
@@ -278,8 +285,9 @@ def main() -> int:
             worst = max(worst, t_be / t_qsd)
             print(f"{case.name:24} {t_conv:9.3f} {t_qsd:7.3f} {t_be:7.3f} {mib / t_be:8.0f} "
                   f"{t_be / t_qsd:6.2f} {t_be / t_conv:10.2f} {t_qsd / t_conv:11.2f}          "
-                  f"{c_conv:7.2f} {c_qsd:6.2f} {c_be:6.2f} {c_be / c_qsd:6.2f}", flush=True)
-        print(f"worst be/qsd ratio: {worst:.2f}")
+                  f"{c_conv:7.2f} {c_qsd:6.2f} {c_be:6.2f} {_ratio(c_be, c_qsd):6.2f}", flush=True)
+        print(f"worst be/qsd ratio: {worst:.2f}; load average %.2f %.2f %.2f"
+              % os.getloadavg())
     finally:
         shutil.rmtree(links, ignore_errors=True)
         if not args.workdir:
