@@ -130,7 +130,7 @@ class StreamJob(Job):
         size = self.top.total_size
         self.progress_set_remaining(size)
         self.done_upto = 0
-        self.planned: dict[int, int] = {}       # start -> end of the pieces planned
+        self.piece_end = 0          # the end of the piece being copied
         first_error = None
         buffer = CopyBuffer(PIECE)
         while self.done_upto < size:
@@ -145,7 +145,9 @@ class StreamJob(Job):
                 if self.handle_io_error(self.on_error_policy, getattr(e, "is_read", True), e):
                     continue
                 first_error = first_error or e
-                end = self.planned.get(self.done_upto, self.done_upto + 1)
+                end = self.piece_end            # the failed piece, or the plan failed:
+                if end <= self.done_upto:       # skip a chunk as QEMU's stream_run does
+                    end = min(self.done_upto + PIECE, size)
                 self.progress(end - self.done_upto)
                 self.done_upto = end
         if first_error is not None:
@@ -155,7 +157,6 @@ class StreamJob(Job):
         """The copy plan: (offset, length, to copy up -- allocated below top and above
         base, and not in top)."""
         top, backing = self.top, self.top.backing
-        self.planned.clear()
         # the intermediate images are not written while the job runs: one question
         # about them covers the rest of the image (top is asked piece by piece, the
         # guest writes it)
@@ -171,14 +172,13 @@ class StreamJob(Job):
                                                                     self.base)
                     below_end = pos + max(1, m)
                 copy, n = below_allocated, min(n, below_end - pos)
-            self.planned[pos] = pos + n
+            self.piece_end = pos + n
             yield pos, n, copy
             pos += n
 
     def _write_piece(self, offset: int, length: int, data) -> None:
         if data is not None:
             copy_up(self.top, offset, data)
-        self.planned.pop(offset, None)
         self.done_upto = offset + length
         self.progress(length)
         if data is not None:
