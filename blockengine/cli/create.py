@@ -11,6 +11,8 @@ callback and calls ``DriverClass.create(filename, size, options)``; it raises
 """
 from __future__ import annotations
 
+import errno
+
 from ..drivers.protocol.file import check_create_locks
 from ..errors import BlockError, InvalidArgument
 from ..graph import registry
@@ -150,7 +152,17 @@ def img_create(filename: str, fmt: str, *, options: str | None = None,
     typed = opts.typed()
     typed.pop("size", None)
     # the drivers' QemuOpts translators (raw_co_create_opts...) round up to sectors
-    drv_cls.create(filename, -(-size // 512) * 512, typed, secrets=secrets)
+    try:
+        drv_cls.create(filename, -(-size // 512) * 512, typed, secrets=secrets)
+    except BlockError as e:
+        if e.errno != errno.EFBIG:
+            raise
+        # bdrv_img_create(): a better message than the driver's, with a hint when the
+        # format has a cluster size (qemu_opt_get_size() falls back to its default)
+        desc = next((d for d in opts.descs if d.name == "cluster_size"), None)
+        hint = desc is not None and bool(opts.get("cluster_size", desc.default))
+        raise InvalidArgument("The image size is too large for file format '%s'%s" % (
+            fmt, " (try using a larger cluster size)" if hint else "")) from e
 
 
 def _backing_size(filename: str, backing_file: str, backing_fmt: str | None,

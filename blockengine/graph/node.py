@@ -18,7 +18,8 @@ from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET
                             BLOCK_RAW, BLOCK_RECURSE, BLOCK_ZERO, DriverKind,
                             PreallocMode, Status)
 from ..errors import BlockError, InvalidArgument, NotSupported
-from ..io.request import (MAX_REQUEST_BYTES, align_down, align_up, check_request, chunks,
+from ..io.request import (MAX_REQUEST_BYTES, align_down, align_up, check_request,
+                          check_truncate, chunks,
                           is_aligned)
 from .child import BdrvChild, ChildRole
 from .perms import Perm
@@ -359,6 +360,7 @@ class BlockNode:
         self._check_writable()
         if size < 0:
             raise InvalidArgument("Image size cannot be negative")
+        check_truncate(size)
         with self.lock:
             self.write_gen += 1
             self.drv.truncate(size, exact, prealloc)

@@ -9,7 +9,8 @@ from ..errors import BlockError
 
 # BDRV_MAX_LENGTH: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT (1 GiB); no request
 # may reach past it and no node may be larger
-MAX_REQUEST_BYTES = ((1 << 63) - 1) & ~((1 << 30) - 1)
+INT64_MAX = (1 << 63) - 1
+MAX_REQUEST_BYTES = INT64_MAX & ~((1 << 30) - 1)
 
 
 def check_request(offset: int, length: int, size: int | None = None) -> None:
@@ -21,6 +22,14 @@ def check_request(offset: int, length: int, size: int | None = None) -> None:
     if size is not None and offset + length > size:
         raise BlockError(f"Request offset {offset} length {length} beyond end of device "
                          f"({size} bytes)", errno=errno.EIO)
+
+
+def check_truncate(size: int) -> None:
+    """bdrv_co_truncate()'s bdrv_check_request(offset, 0): no node may grow past
+    BDRV_MAX_LENGTH (QEMU's message, EIO)."""
+    if size > MAX_REQUEST_BYTES:
+        raise BlockError("offset(%d) exceeds maximum(%d)" % (size, MAX_REQUEST_BYTES),
+                         errno=errno.EIO)
 
 
 def check_node_length(length: int) -> None:

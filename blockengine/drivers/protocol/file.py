@@ -357,6 +357,16 @@ class FileDriver(BlockDriver):
             os.close(fd)
 
 
+def delete_file_noerr(filename: str | None) -> None:
+    """bdrv_co_delete_file_noerr(): a format's create that failed once the file was
+    created removes it (even a file that existed before: it is truncated anyway)."""
+    if filename:
+        try:
+            os.unlink(filename)
+        except OSError:
+            pass
+
+
 def truncate_fd(fd: int, size: int, prealloc: PreallocMode, filename: str) -> None:
     """raw_regular_truncate(): resize a regular file, preallocating any growth."""
     current = os.fstat(fd).st_size
@@ -381,6 +391,9 @@ def truncate_fd(fd: int, size: int, prealloc: PreallocMode, filename: str) -> No
                                % prealloc.value)
     except OSError as e:
         raise BlockError("Could not resize file: %s" % e.strerror, errno=e.errno) from e
+    except OverflowError:   # past INT64_MAX: QEMU's int64_t went negative, ftruncate() EINVAL
+        raise BlockError("Could not resize file: %s" % os.strerror(errno.EINVAL),
+                         errno=errno.EINVAL) from None
 
 
 class HostDeviceDriver(FileDriver):

@@ -9,11 +9,13 @@ buffer of at most 1 MiB (QEMU's BLOCK_CRYPTO_MAX_IO_SIZE).
 """
 from __future__ import annotations
 
+import errno
 from typing import NamedTuple
 
 from ....crypto.cipher import SECTOR_SIZE
 from ....crypto.luks import DEFAULT_ITER_TIME, KEYSLOT_STATES, AmendOptions, LuksBlock
 from ....errors import BlockError, InvalidArgument
+from ....io.request import INT64_MAX
 from .options import AMEND_OPTS
 from ...base import CreateOpt
 from ...base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BlockDriver, DriverInfo,
@@ -197,18 +199,22 @@ class LuksDriver(BlockDriver):
     def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None) -> None:
         """block_crypto_co_create_opts_luks(): header + key slot 0, then the payload
         as a (sparse) file extension.  ``secrets`` maps secret ids to their data."""
-        from ...protocol.file import FileDriver
+        from ...protocol.file import FileDriver, delete_file_noerr
         from ....graph.graph import Graph
 
         params = check_create_options(opts, secrets)
         block = new_volume(params)
         FileDriver.create(filename, 0, {})
-        graph = Graph()
         try:
-            fnode = graph.open_node({"driver": "file", "filename": filename})
-            format_node(fnode, size, block, params)
-        finally:
-            graph.close_all()
+            graph = Graph()
+            try:
+                fnode = graph.open_node({"driver": "file", "filename": filename})
+                format_node(fnode, size, block, params)
+            finally:
+                graph.close_all()
+        except BaseException:
+            delete_file_noerr(filename)     # as block_crypto_co_create_opts_luks()
+            raise
 
 
 class CreateParams(NamedTuple):
@@ -250,6 +256,14 @@ def new_volume(params: CreateParams) -> LuksBlock:
 def format_node(fnode, size: int, block: LuksBlock, params: CreateParams) -> None:
     """block_crypto_co_create_generic() on an open node: size the node for the header
     and ``size`` payload bytes, then write the header and key slot 0."""
-    fnode.truncate(block.payload_offset + size, prealloc=params.prealloc)
+    try:
+        if size + block.payload_offset > INT64_MAX:
+            raise BlockError("too large", errno=errno.EFBIG)
+        fnode.truncate(block.payload_offset + size, prealloc=params.prealloc)
+    except BlockError as e:
+        if e.errno != errno.EFBIG:
+            raise
+        # block_crypto_create_init_func()'s better message (EIO: qcrypto's failure)
+        raise BlockError("The requested file size is too large", errno=errno.EIO) from e
     block.store_key(fnode.pwrite, 0, params.password, params.iter_time)
     fnode.flush()

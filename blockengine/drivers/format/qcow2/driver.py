@@ -1187,7 +1187,11 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
                     print("qemu-img: warning: Failed to truncate the tail of the image: %s" % e,
                           file=sys.stderr)
         else:
-            self.grow_l1_table(new_l1_size, True)
+            try:
+                self.grow_l1_table(new_l1_size, True)
+            except BlockError as e:     # error_setg_errno(errp, -ret, ...)
+                raise BlockError("Failed to grow the L1 table: %s"
+                                 % os.strerror(e.errno or errno.EIO), errno=e.errno) from e
             if self.data_file_raw and prealloc is PreallocMode.OFF:
                 prealloc = PreallocMode.METADATA
 

@@ -48,6 +48,9 @@ DESC_TEMPLATE = (
 
 
 
+U32 = 0xFFFFFFFF
+
+
 def sparse_extent_layout(size: int, compress: bool, zeroed_grain: bool):
     """vmdk_init_extent()'s header and its two grain directories."""
     h = L.Vmdk4Header()
@@ -59,22 +62,25 @@ def sparse_extent_layout(size: int, compress: bool, zeroed_grain: bool):
     h.capacity = size // SECTOR
     h.granularity = 128
     h.num_gtes_per_gt = SECTOR
-    grains = -(-(size // SECTOR) // h.granularity)
+    # QEMU's uint32_t grains, gt_size, gt_count, gd_sectors (and their products) wrap:
+    # an image of 2^45 bytes or more gets a truncated directory, as qemu-img makes it
+    grains = (-(-(size // SECTOR) // h.granularity)) & U32
     gt_size = -(-(h.num_gtes_per_gt * 4) // SECTOR)
-    gt_count = -(-grains // h.num_gtes_per_gt)
-    gd_sectors = -(-(gt_count * 4) // SECTOR)
+    gt_count = ((grains + h.num_gtes_per_gt - 1) & U32) // h.num_gtes_per_gt
+    gd_sectors = -(-(gt_count * 4) // SECTOR) & U32
+    gt_sectors = (gt_size * gt_count) & U32
     h.desc_offset = 1
     h.desc_size = 20
     h.rgd_offset = h.desc_offset + h.desc_size
-    h.gd_offset = h.rgd_offset + gd_sectors + gt_size * gt_count
-    end = h.gd_offset + gd_sectors + gt_size * gt_count
+    h.gd_offset = h.rgd_offset + gd_sectors + gt_sectors
+    end = h.gd_offset + gd_sectors + gt_sectors
     h.grain_offset = -(-end // h.granularity) * h.granularity
     gd_bytes = gd_sectors * SECTOR
     rgd = bytearray(gd_bytes)
     gd = bytearray(gd_bytes)
     for i in range(gt_count):
-        struct.pack_into("<I", rgd, i * 4, h.rgd_offset + gd_sectors + i * gt_size)
-        struct.pack_into("<I", gd, i * 4, h.gd_offset + gd_sectors + i * gt_size)
+        struct.pack_into("<I", rgd, i * 4, (h.rgd_offset + gd_sectors + i * gt_size) & U32)
+        struct.pack_into("<I", gd, i * 4, (h.gd_offset + gd_sectors + i * gt_size) & U32)
     return h, bytes(rgd), bytes(gd)
 
 
