@@ -120,7 +120,11 @@ class Graph:
                     if ref is None or ref == "":
                         continue
                     child = self.resolve_ref(ref, child_inherit)
-                    self.attach_child(node, child, key, role)
+                    try:
+                        self.attach_child(node, child, key, role)
+                    except BaseException:
+                        self._release(child)    # opened inline just now: not left over
+                        raise
                 drv_opts = {k: v for k, v in options.items() if k not in BASE_OPTIONS}
                 node.drv.open(drv_opts)
                 try:

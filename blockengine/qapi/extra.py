@@ -48,6 +48,7 @@ ENUMS = {
     'BlockdevVhdxSubformat': ['dynamic', 'fixed'],
     'BlockdevVpcSubformat': ['dynamic', 'fixed'],
     'QCryptoBlockFormat': ['qcow', 'luks'],
+    'BlockdevQcow2EncryptionFormat': ['aes', 'luks'],
     'RbdImageEncryptionFormat': ['luks', 'luks2'],
 }
 
@@ -152,6 +153,10 @@ UNIONS = {
                                'unix': 'UnixSocketAddress',
                                'vsock': 'VsockSocketAddress',
                                'fd': 'String'}},
+    'BlockdevQcow2Encryption': {'base': {'format': 'BlockdevQcow2EncryptionFormat'},
+                                'discriminator': 'format',
+                                'data': {'aes': 'QCryptoBlockOptionsQCow',
+                                         'luks': 'QCryptoBlockOptionsLUKS'}},
     'QCryptoBlockCreateOptions': {'base': {'format': 'QCryptoBlockFormat'},
                                   'discriminator': 'format',
                                   'data': {'qcow': 'QCryptoBlockOptionsQCow',
@@ -235,6 +240,8 @@ MEMBER_UPDATES = {
     'STRUCTS': {
         'BlockDirtyBitmapAdd': {'*persistent': 'bool', '*disabled': 'bool'},
         'BlockdevOptionsGenericCOWFormat': {'*backing': 'BlockdevRefOrNull'},
+        'BlockdevOptionsQcow2': {'*encrypt': 'BlockdevQcow2Encryption',
+                                 '*data-file': 'BlockdevRef'},
         'DriveBackup': {**_JOB_AUTO, **_BACKUP_7_2},
         'BlockdevBackup': {**_JOB_AUTO, **_BACKUP_7_2, '*bitmap': 'str'},
         'DriveMirror': {**_JOB_AUTO, '*copy-mode': 'MirrorCopyMode'},
