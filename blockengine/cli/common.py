@@ -18,7 +18,8 @@ from ..graph.backend import NO_SHARE
 from ..graph.graph import Graph
 from ..image import Image
 from . import report
-from .opts import OptionError, parse_opts, strtosz, SizeError, unflatten
+from ..graph.filename import typed_options
+from .opts import OptionError, parse_opts
 
 # bdrv_parse_cache_mode(): name -> (O_DIRECT, no-flush, writethrough)
 CACHE_MODES = {
@@ -30,13 +31,6 @@ CACHE_MODES = {
 }
 DEFAULT_CACHE = "writeback"
 
-# BlockdevOptions members whose --image-opts strings are not plain strings.  QEMU
-# converts them with each driver's QemuOpts/QAPI schema; these cover the drivers
-# blockengine has (see the report: the core should own this conversion).
-_BOOL_OPTS = {"read-only", "auto-read-only", "force-share", "read-zeroes", "direct",
-              "no-flush", "x-probed"}
-_SIZE_OPTS = {"size", "offset"}
-_INT_OPTS = {"latency-ns"}
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 SNAPSHOT_OPT_BASE = "snapshot."     # -l snapshot.id=ID,snapshot.name=NAME
 
@@ -52,34 +46,7 @@ def parse_cache(mode: str, source: bool = False) -> tuple[bool, bool]:
 
 def typed_blockdev_options(flat: dict) -> dict:
     """--image-opts strings to the typed, nested options the graph opens."""
-    out = {}
-    for key, value in flat.items():
-        leaf = key.rsplit(".", 1)[-1]
-        try:
-            if leaf in _BOOL_OPTS:
-                if value not in ("on", "off", "true", "false"):
-                    raise OptionError("Parameter '%s' expects 'on' or 'off'" % leaf)
-                value = value in ("on", "true")
-            elif leaf in _SIZE_OPTS:
-                value = strtosz(value)
-            elif leaf in _INT_OPTS:
-                value = int(value)
-        except (SizeError, ValueError):
-            raise OptionError("Parameter '%s' expects a non-negative number below 2^64"
-                              % leaf) from None
-        out[key] = value
-    options = unflatten(out.items())
-    _infer_protocols(options)
-    return options
-
-
-def _infer_protocols(options: dict) -> None:
-    """bdrv_fill_options(): a child given only a filename uses the file protocol."""
-    for value in options.values():
-        if isinstance(value, dict):
-            if "driver" not in value and "filename" in value:
-                value["driver"] = "file"
-            _infer_protocols(value)
+    return typed_options(flat)
 
 
 class Session:

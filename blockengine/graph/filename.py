@@ -20,8 +20,8 @@ def is_json_filename(filename: str | None) -> bool:
 
 
 def parse_json_filename(filename: str) -> dict:
-    """parse_json_filename(): the options a json: name stands for; QEMU's message
-    for anything but one JSON object."""
+    """parse_json_filename(): the options a json: name stands for, typed as the
+    drivers' QemuOpts read them; QEMU's message for anything but one JSON object."""
     from ..qmp.protocol import JSONParseError, parse_json   # the qobject JSON codec
     try:
         value = parse_json(filename[len(JSON_PREFIX):])
@@ -29,7 +29,75 @@ def parse_json_filename(filename: str) -> dict:
         raise InvalidArgument("Could not parse the JSON options: %s" % e) from None
     if not isinstance(value, dict):
         raise InvalidArgument("Invalid JSON object given")
-    return nest_dotted(value)
+    return typed_options(qemuopts_strings(value))
+
+
+# BlockdevOptions members whose QemuOpts strings are not plain strings (QEMU converts
+# them with each driver's option list; these cover the drivers blockengine has)
+_BOOL_OPTS = {"read-only", "auto-read-only", "force-share", "read-zeroes", "direct",
+              "no-flush", "x-probed"}
+_SIZE_OPTS = {"size", "offset"}
+_INT_OPTS = {"latency-ns"}
+_TRUE, _FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")    # qapi_bool_parse
+# read with qdict_get_try_str(): any other JSON type counts as absent
+_STRING_ONLY = {"driver", "filename"}
+
+
+def qemuopts_strings(options: dict, prefix: str = "") -> dict:
+    """qdict_flatten() + qemu_opts_absorb_qdict(): the dotted-key strings the drivers
+    see of typed JSON options (numbers as text, booleans as on/off; a list's items
+    are keys .0, .1 ...; null stays None)."""
+    flat: dict = {}
+    items = list(options.items() if isinstance(options, dict) else enumerate(options))
+    for key, value in items:
+        name = "%s%s" % (prefix, key)
+        if isinstance(value, str) or value is None:
+            flat[name] = value
+        elif not isinstance(value, (dict, list)) and str(key) not in _STRING_ONLY:
+            flat[name] = ("on" if value else "off") if isinstance(value, bool) \
+                else str(value)
+    for key, value in items:        # flattened members replace dotted ones
+        if isinstance(value, (dict, list)):
+            flat.update(qemuopts_strings(value, "%s%s." % (prefix, key)))
+    return flat
+
+
+def typed_options(flat: dict) -> dict:
+    """QemuOpts strings (--image-opts, json: values) to the typed, nested options the
+    graph opens, with QemuOpts' messages for bad values."""
+    from ..cli.opts import SIZE_HINT, SizeError, strtosz      # (qemu_strtosz)
+    out = {}
+    for key, value in flat.items():
+        leaf = key.rsplit(".", 1)[-1]
+        try:
+            if value is None:
+                pass
+            elif leaf in _BOOL_OPTS:
+                if value not in _TRUE + _FALSE:
+                    raise InvalidArgument("Parameter '%s' expects 'on' or 'off'" % leaf)
+                value = value in _TRUE
+            elif leaf in _SIZE_OPTS:
+                value = strtosz(value)
+            elif leaf in _INT_OPTS:
+                value = int(value)
+        except SizeError:
+            raise InvalidArgument("Parameter '%s' expects a non-negative number below 2^64"
+                                  % leaf, hint=SIZE_HINT) from None
+        except ValueError:
+            raise InvalidArgument("Parameter '%s' expects a non-negative number below 2^64"
+                                  % leaf) from None
+        out[key] = value
+    options = nest_dotted(out)
+    _infer_protocols(options)
+    return options
+
+
+def _infer_protocols(options: dict) -> None:
+    """bdrv_fill_options(): a child given only a filename uses the file protocol."""
+    for value in options.values():
+        if isinstance(value, dict):
+            infer_file_protocol(value)
+            _infer_protocols(value)
 
 
 def nest_dotted(options: dict) -> dict:

@@ -192,6 +192,8 @@ class Graph:
             file_opts = {"driver": "file", "filename": path}
         else:
             infer_file_protocol(file_opts)
+            if isinstance(file_opts, dict) and "driver" not in file_opts:
+                raise missing_file(None)    # the child names neither driver nor file
         if fmt is not None:
             registry.get_driver(fmt)         # "Unknown driver" before anything else
         probed = fmt is None

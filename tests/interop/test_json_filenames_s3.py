@@ -77,6 +77,23 @@ CASES = {
     "bad-unknown-driver": ["info", 'json:{"driver":"nope"}'],
     "bad-file-reference": ["info", 'json:{"driver":"qcow2","file":"x.qcow2"}'],
     "bad-missing-file": ["info", 'json:{"driver":"qcow2","file":{"filename":"nope"}}'],
+    # values as the drivers' QemuOpts read them, and their messages
+    "typed-size-text": ["info", 'json:{"driver":"raw","offset":"abc","file":{"filename":"x.raw"}}'],
+    "typed-size-negative": ["info", 'json:{"driver":"raw","offset":-1,'
+                                    '"file":{"filename":"x.raw"}}'],
+    "typed-bool-yes": ["info", 'json:{"driver":"qcow2","read-only":"yes",'
+                               '"file":{"filename":"x.qcow2"}}'],
+    "typed-bool-bad": ["info", 'json:{"driver":"qcow2","read-only":"maybe",'
+                               '"file":{"filename":"x.qcow2"}}'],
+    "typed-filename-number": ["info", 'json:{"driver":"qcow2","file":{"driver":"file",'
+                                      '"filename":1}}'],
+    "typed-driver-number": ["info", 'json:{"driver":1}'],
+    "typed-file-list": ["info", 'json:{"driver":"qcow2","file":["x"]}'],
+    "typed-file-empty": ["info", 'json:{"driver":"qcow2","file":{}}'],
+    "typed-nested-beats-dotted": ["info", 'json:{"driver":"qcow2","file.filename":"x.raw",'
+                                          '"file":{"filename":"x.qcow2"}}'],
+    "typed-size-int": ["info", 'json:{"driver":"raw","offset":512,"size":1024,'
+                               '"file":{"filename":"x.raw"}}'],
     "bad-convert-target-src": ["convert", "-O", "raw", "json:{", "out.raw"],
     "bad-compare": ["compare", QCOW2, "json:[]"],
 }

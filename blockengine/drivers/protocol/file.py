@@ -82,8 +82,9 @@ class FileDriver(BlockDriver):
 
     def open(self, options: dict) -> None:
         self.filename = options.get("filename")
-        if self.filename is None:
-            raise InvalidArgument("Parameter 'filename' is missing")
+        if self.filename is None:       # bdrv_open_common(): bdrv_needs_filename
+            raise InvalidArgument("The '%s' block driver requires a file name"
+                                  % self.info.name)
         locking = options.get("locking", "auto")
         if locking not in ("auto", "on", "off"):
             raise InvalidArgument("Parameter 'locking' does not accept value '%s'" % locking)
