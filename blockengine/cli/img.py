@@ -67,15 +67,21 @@ def getopt(argv: list[str], optstring: str, longopts):
 
 
 def parse_args(argv, optstring, longopts, session: Session | None = None):
-    """All options (``--object`` handled on the way, as QEMU does) and the operands."""
-    opts = []
-    for key, arg in getopt(argv, optstring, longopts):
-        if key is None:
-            return opts, arg
-        if key == "object" and session is not None:
-            session.add_object(arg)
-        opts.append((key, arg))
-    raise AssertionError("unreachable")
+    """(options, operands): the options one by one as the command's loop takes them,
+    so a bad value is reported before a later unknown option, as QEMU's getopt loop
+    does (``--object`` handled on the way); the operands list is filled when the
+    options are exhausted."""
+    operands: list[str] = []
+
+    def options():
+        for key, arg in getopt(argv, optstring, longopts):
+            if key is None:
+                operands.extend(arg)
+                return
+            if key == "object" and session is not None:
+                session.add_object(arg)
+            yield key, arg
+    return options(), operands
 
 
 def output_format(value: str | None) -> str:
@@ -149,10 +155,10 @@ def cmd_map(argv: list[str]) -> int:
     fmt = output = None
     image_opts = force_share = False
     start, max_length = 0, None
-    opts, operands = parse_args(argv, ":f:hU", [HELP, FORMAT, OUTPUT, OBJECT, IMAGE_OPTS,
-                                                FORCE_SHARE,
-                                                ("start-offset", REQUIRED_ARG, "start"),
-                                                ("max-length", REQUIRED_ARG, "max")],
+    opts, operands = parse_args(argv, ":f:s:l:hU", [HELP, FORMAT, OUTPUT, OBJECT, IMAGE_OPTS,
+                                                    FORCE_SHARE,
+                                                    ("start-offset", REQUIRED_ARG, "s"),
+                                                    ("max-length", REQUIRED_ARG, "l")],
                                 session)
     for key, arg in opts:
         if key == "f":
@@ -163,9 +169,9 @@ def cmd_map(argv: list[str]) -> int:
             image_opts = True
         elif key == "U":
             force_share = True
-        elif key == "start":
+        elif key == "s":
             start = _cvtnum("start offset", arg)
-        elif key == "max":
+        elif key == "l":
             max_length = _cvtnum("max length", arg)
     if len(operands) != 1:
         raise report.UsageError("Expecting one image file name")

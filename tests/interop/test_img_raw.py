@@ -48,6 +48,7 @@ QUERIES = [["info"], ["info", "--output=json"], ["info", "--output", "human"],
            ["map"], ["map", "--output=json"], ["map", "-f", "raw", "--output=json"],
            ["map", "--start-offset=1M", "--max-length=2M", "--output=json"],
            ["map", "--start-offset=20M", "--output=json"], ["map", "--start-offset=1M"],
+           ["map", "-s", "1M", "-l", "2M", "--output=json"],
            ["check"], ["check", "--output=json"], ["check", "-q"], ["check", "-f", "raw"],
            ["check", "-r", "leaks", "-f", "raw"]]
 
