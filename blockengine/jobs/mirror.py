@@ -32,7 +32,7 @@ import threading
 
 from .. import bitmaps
 from ..bitmaps import BlockDirtyBitmap
-from ..drivers.base import BLOCK_ZERO
+from ..drivers.base import BLOCK_ALLOCATED, BLOCK_ZERO
 from ..drivers.filter.common import drop_filter, open_implicit_filter
 from ..drivers.filter.mirror_top import MirrorTopDriver
 from ..errors import BlockError, InvalidArgument, JobError
@@ -224,12 +224,14 @@ class MirrorJob(Job):
         pos = 0
         while pos < size:
             self.pause_point()
-            allocated, n = self.source.is_allocated_above(pos, min(size - pos, 1 << 30),
-                                                          self.base)
-            n = max(n, 1)
-            if allocated:
-                self.dirty.set_dirty(pos, n)
-            pos += n
+            # is_allocated_above() answers, a batch at a time (a huge sparse source has
+            # one per L2 slice)
+            for st in self.source.block_status_above_runs(pos, min(size - pos, 1 << 30),
+                                                          self.base, want_zero=False):
+                n = max(st.length, 1)
+                if st.flags & BLOCK_ALLOCATED:
+                    self.dirty.set_dirty(pos, n)
+                pos += n
 
     def _iteration(self, cursor: int, size: int) -> tuple[int, int]:
         """Copy one dirty run (at most buf-size); returns (next cursor, bytes)."""
