@@ -407,19 +407,23 @@ class BlockNode:
         out = []
         finish = self._finish_status
         # a driver repeats one Status object for a stretch of equal runs (the slices of
-        # unallocated L2 tables): away from the end and without a backing file whose
-        # end could change the answer, each gets the same answer as the one before
-        repeatable = self.cow_child() is None
+        # unallocated L2 tables): away from the end, and on the same side of a backing
+        # file's end (past it unallocated reads as zeroes), each gets the same answer
+        # as the one before
+        cow = self.cow_child()
+        cow_end = cow.node.total_size if cow is not None else -1
         prev = res = whole = None
+        prev_past_cow = False
         for st in runs:
-            if st is prev and whole and repeatable and offset + st.length < size:
+            if (st is prev and whole and offset + st.length < size
+                    and (offset >= cow_end) == prev_past_cow):
                 out.append(res)
                 offset += st.length
                 length -= st.length
                 if length <= 0:
                     break
                 continue
-            prev = st
+            prev, prev_past_cow = st, offset >= cow_end
             try:
                 res, whole = finish(st, offset, length, size, want_zero)
             except BlockError:
