@@ -174,41 +174,35 @@ class BlockCopy:
         while pos < end:
             flags, n = self.extents.status(pos, end - pos)
             n = max(1, n)
-            if self.skip_unallocated and not flags & BLOCK_ALLOCATED:
-                pos += n
-                continue
-            if flags & BLOCK_ZERO:
-                with _tagged(is_read=False):
-                    tgt.pwrite_zeroes(pos, n)
-            else:
-                with _tagged(is_read=True):
-                    buf = self.buffer.read(src, pos, n)
-                with _tagged(is_read=False):
-                    tgt.pwrite(pos, buf)
+            if not (self.skip_unallocated and not flags & BLOCK_ALLOCATED):
+                self._copy_piece(pos, n, flags & BLOCK_ZERO, tgt.pwrite)
             pos += n
 
+    def _copy_piece(self, pos: int, n: int, zero: bool, write) -> None:
+        """A zero write, or the source's data read and given to ``write``; a failure
+        is tagged as the read's or the write's (the job's on-error policies differ)."""
+        if zero:
+            with _tagged(is_read=False):
+                self.target.pwrite_zeroes(pos, n)
+            return
+        with _tagged(is_read=True):
+            buf = self.buffer.read(self.source, pos, n)
+        with _tagged(is_read=False):
+            write(pos, buf)
 
     def _copy_compressed(self, offset: int, length: int) -> None:
         """block-copy's COPY_WRITE_COMPRESSED: cluster by cluster (compressed clusters
         are written whole); a cluster zero all through is a zero write, any other is
         written compressed (block_copy_block_status() counts a cluster with any data
         as data)."""
-        src, tgt = self.source, self.target
+        tgt = self.target
         pos, end = offset, offset + length
         while pos < end:
             n = min(self.cluster_size, end - pos)
             flags, m = self.extents.status(pos, n)
             whole = m >= n
-            if self.skip_unallocated and not flags & BLOCK_ALLOCATED and whole:
-                pass
-            elif flags & BLOCK_ZERO and whole:
-                with _tagged(is_read=False):
-                    tgt.pwrite_zeroes(pos, n)
-            else:
-                with _tagged(is_read=True):
-                    buf = self.buffer.read(src, pos, n)
-                with _tagged(is_read=False):
-                    tgt.pwrite_compressed(pos, buf)
+            if not (self.skip_unallocated and not flags & BLOCK_ALLOCATED and whole):
+                self._copy_piece(pos, n, flags & BLOCK_ZERO and whole, tgt.pwrite_compressed)
             pos += n
 
 
