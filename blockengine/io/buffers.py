@@ -30,5 +30,9 @@ def io_buffer(size: int) -> memoryview:
 
 
 def _address(area: mmap.mmap) -> int:
-    import ctypes       # only for the address: not at start-up
-    return ctypes.addressof(ctypes.c_char.from_buffer(area))
+    try:                # cffi is loaded already with the native module
+        from .._be_native import ffi
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(area)))
+    except ImportError:
+        import ctypes   # (several ms of start-up)
+        return ctypes.addressof(ctypes.c_char.from_buffer(area))
