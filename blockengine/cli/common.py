@@ -9,13 +9,13 @@ being printed, so commands stay linear.
 from __future__ import annotations
 
 import errno
-import re
 import sys
 
 from ..drivers.base import bool_option
 from ..errors import BlockError
 from ..graph.backend import NO_SHARE
 from ..graph.graph import Graph
+from ..graph.node import id_wellformed
 from ..image import Image
 from . import report
 from ..graph.filename import typed_options
@@ -31,7 +31,6 @@ CACHE_MODES = {
 }
 DEFAULT_CACHE = "writeback"
 
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 SNAPSHOT_OPT_BASE = "snapshot."     # -l snapshot.id=ID,snapshot.name=NAME
 
 
@@ -70,7 +69,7 @@ class Session:
         obj_id = props.pop("id", None)
         if obj_id is None:
             raise report.fail("Parameter 'id' is missing")
-        if not _ID_RE.match(obj_id):
+        if not id_wellformed(obj_id):
             raise report.fail("Parameter 'id' expects an identifier",
                               hint="Identifiers consist of letters, digits, '-', '.', '_',"
                                    " starting with a letter.")

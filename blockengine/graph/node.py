@@ -11,7 +11,6 @@ writes without it (pread/pwrite are thread-safe and release the GIL).
 from __future__ import annotations
 
 import itertools
-import re
 import threading
 
 from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID,
@@ -25,13 +24,19 @@ from .child import BdrvChild, ChildRole
 from .perms import Perm
 
 SECTOR_SIZE = 512
-_NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 _auto_name_counter = itertools.count()
+
+
+def id_wellformed(name: str) -> bool:
+    """QEMU's id_wellformed() (node names, job and object IDs): an ASCII letter, then
+    ASCII letters, digits, '-', '.' and '_'."""
+    return (name[:1].isascii() and name[:1].isalpha()
+            and all(c.isascii() and (c.isalnum() or c in "-._") for c in name))
 
 
 def validate_node_name(name: str) -> None:
     """bdrv_assign_node_name()'s checks, with QEMU's messages."""
-    if not _NODE_NAME_RE.match(name):
+    if not id_wellformed(name):
         raise InvalidArgument("Invalid node-name: '%s'" % name)
     if len(name) > 31:
         raise InvalidArgument("Node name too long")

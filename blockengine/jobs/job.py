@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import re
 import threading
 import time
 
 from ..errors import BlockError, InvalidArgument, JobError
+from ..graph.node import id_wellformed
 
 # ---- the state machine ------------------------------------------------------------------
 STATUSES = ("undefined", "created", "running", "paused", "ready", "standby", "waiting",
@@ -66,7 +66,6 @@ VERBS = {v: frozenset(s for s, ok in zip(STATUSES, row) if ok) for v, row in _VE
 ON_ERROR = ("report", "ignore", "enospc", "stop", "auto")
 SLICE_NS = 100_000_000          # ratelimit slice (QEMU's BLOCK_JOB_SLICE_TIME)
 
-_JOB_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
 
 class JobCancelled(Exception):
@@ -154,7 +153,7 @@ class Job:
         if job_id is not None:
             if internal:
                 raise JobError("Cannot specify job ID for internal job")
-            if not _JOB_ID_RE.match(job_id):
+            if not id_wellformed(job_id):
                 raise InvalidArgument("Invalid job ID '%s'" % job_id)
             if job_id in self.registry.jobs:
                 raise JobError("Job ID '%s' already in use" % job_id)

@@ -1,12 +1,15 @@
 """Node graph: names, permissions (QEMU's rules and messages), graph surgery, reopen."""
+import re
+
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from blockengine import Graph, BlockBackend
 from blockengine.errors import BlockError, InvalidArgument, PermissionConflict
 from blockengine.graph import registry
 from blockengine.graph.backend import NO_SHARE
 from blockengine.graph.child import ChildRole
-from blockengine.graph.node import validate_node_name
+from blockengine.graph.node import id_wellformed, validate_node_name
 from blockengine.graph.perms import Perm, perm_names
 
 
@@ -211,3 +214,10 @@ def test_backing_open_error_keeps_its_class(graph, tmp_path):
     e = prefixed(LockError('Failed to get "write" lock', "hint"), "Could not open backing file: ")
     assert isinstance(e, LockError) and e.hint == "hint"
     assert str(e) == 'Could not open backing file: Failed to get "write" lock'
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="aZ09_.-é \n\x00Ab", max_size=6))
+def test_id_wellformed_is_qemus_pattern(name):
+    """QEMU's id_wellformed(): [A-Za-z][A-Za-z0-9_.-]* (ASCII only)."""
+    assert id_wellformed(name) == bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_.\-]*", name))
