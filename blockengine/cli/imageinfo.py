@@ -173,12 +173,21 @@ def _entries(node, offset: int, length: int, depth: int, out: list, names: dict)
     """Append entries from offset at ``depth`` of the chain; returns the bytes covered."""
     node = node.skip_filters()
     done = 0
-    for st in node.block_status_runs(offset, length, True):
+    runs = node.block_status_runs(offset, length, True)
+    i = 0
+    while i < len(runs):
+        st = runs[i]
+        i += 1
         n = st.length
         flags = st.flags
         if not flags & (BLOCK_ZERO | BLOCK_DATA):
             cow = node.cow_child()
             if cow is not None:
+                # repetitions of one answer (the slices of unallocated L2 tables): one
+                # walk below for all of them, whose entries img_map() would merge anyway
+                while i < len(runs) and runs[i] is st:
+                    n += st.length
+                    i += 1
                 got = _entries(cow.node, offset, n, depth + 1, out, names)
                 done += got
                 if got != n or not got:

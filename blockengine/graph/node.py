@@ -541,26 +541,66 @@ class BlockNode:
         if self is base:
             return runs
         out: list[Status] = []
-        above = self._status_above
-        prev = None
-        for st in runs:
+        i = 0
+        while i < len(runs):
+            st = runs[i]
             n = st.length
-            if st is prev:          # resolved above to itself: so is its repetition
-                out.append(st)
-                offset += n
-                continue
+            count = 1
+            while i + count < len(runs) and runs[i + count] is st:
+                count += 1
             try:
-                resolved = above(st, offset, base, want_zero)
+                answers = (self._repeats_above(st, offset, count, base, want_zero)
+                           if count > 1 else [self._status_above(st, offset, base, want_zero)])
             except BlockError:
                 if out:
                     break
                 raise
-            prev = st if resolved is st and not st.flags & BLOCK_EOF else None
-            st = resolved
-            out.append(st)
-            if st.length != n:
+            out += answers
+            if len(answers) < count or answers[-1].length != n:
                 break
-            offset += n
+            offset += n * count
+            i += count
+        return out
+
+    def _repeats_above(self, st: Status, offset: int, count: int, base,
+                       want_zero: bool) -> list[Status]:
+        """_status_above() of ``count`` repetitions of one answer of this node from
+        offset (block_status_runs repeats one object for the slices of unallocated L2
+        tables; it carries no EOF), with one bulk query of the layer below instead of
+        one per repetition: an answer there that starts where a repetition does is
+        that repetition's, cut to its length; any other repetition is resolved alone.
+        Stops after a shorter answer, or before a failing resolution but the first."""
+        n = st.length
+        lower = self.filtered_child()
+        if st.flags & BLOCK_ALLOCATED or lower is None or lower.node is base:
+            return [st] * count             # nothing below to ask: each is its own answer
+        below = {}
+        try:
+            pos = offset
+            for answer in lower.node.block_status_above_runs(offset, n * count, base,
+                                                             want_zero):
+                if not answer.length or answer.flags & BLOCK_EOF:
+                    break           # (the ends of lower layers: asked one by one)
+                below[pos] = answer
+                pos += answer.length
+        except BlockError:
+            pass                    # each repetition fails, or not, when asked alone
+        out: list[Status] = []
+        for k in range(count):
+            pos = offset + k * n
+            answer = below.get(pos)
+            if answer is None:
+                try:
+                    answer = self._status_above(st, pos, base, want_zero)
+                except BlockError:
+                    if out:
+                        return out
+                    raise
+            elif answer.length > n:
+                answer = answer._replace(length=n)
+            out.append(answer)
+            if answer.length != n:
+                break
         return out
 
     def is_allocated_above(self, offset: int, length: int, base=None) -> tuple[bool, int]:
