@@ -629,10 +629,13 @@ class BlockNode:
             return exact
         c = self.primary_child()
         if c is not None and (self.is_format or self.is_filter) and self.drv.info.name in (
-                "raw",) + tuple(getattr(self.drv, "FILENAME_FROM_FILE", ())):
-            return c.node.filename()
-        if c is not None and self.is_format:
-            return c.node.filename()
+                "raw",) + tuple(getattr(self.drv, "FILENAME_FROM_FILE", ())) \
+                or c is not None and self.is_format:
+            # a format shows its file's plain name only when that file is a protocol
+            # node with one (bdrv_refresh_filename())
+            fname = c.node.filename()
+            if c.node.drv.info.kind is DriverKind.PROTOCOL and not fname.startswith("json:"):
+                return fname
         return "json:" + _json_options(self)
 
 
@@ -641,13 +644,30 @@ def _is_zero(data: memoryview) -> bool:
     return _native.buffer_is_zero(data, 0, len(data))
 
 
+# BlockdevOptionsBase members: never among a driver's strong runtime options, so
+# bdrv_refresh_filename() leaves them out of a json: name
+_WEAK_BASE_OPTIONS = ("node-name", "driver", "read-only", "auto-read-only", "force-share",
+                      "cache", "discard", "detect-zeroes")
+
+
 def _json_options(node) -> str:
     import json
+    from ..qmp.protocol import to_json        # QDict member order, as QEMU prints it
     opts = {"driver": node.driver_name}
     for k, v in node.options.items():
         # x-* are our internal open flags (probed, no-io, check), not user options
-        if k not in ("node-name", "driver") and not k.startswith("x-"):
+        if k not in _WEAK_BASE_OPTIONS and k != "backing" and not k.startswith("x-"):
             opts[k] = v
+    # bdrv_backing_overridden(): a backing file other than the header's (given in the
+    # options, or suppressed while the header names one) is part of the name, except
+    # without I/O (qemu-img info), where it changes nothing
+    ref = node.options.get("backing", "header")
+    overridden = not node.no_io and (ref is None and bool(getattr(node.drv, "backing_file",
+                                                                    None))
+                                     or ref not in (None, "header"))
     for c in node.children:
-        opts[c.name] = json.loads(_json_options(c.node))
-    return json.dumps(opts, separators=(", ", ": "))
+        if c.name != "backing" or overridden:
+            opts[c.name] = json.loads(_json_options(c.node))
+    if overridden and node.backing is None:
+        opts["backing"] = None
+    return to_json(opts)

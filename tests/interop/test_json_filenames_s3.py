@@ -94,6 +94,14 @@ CASES = {
                                           '"file":{"filename":"x.qcow2"}}'],
     "typed-size-int": ["info", 'json:{"driver":"raw","offset":512,"size":1024,'
                                '"file":{"filename":"x.raw"}}'],
+    # json: names made for what has no plain file name (bdrv_refresh_filename())
+    "name-format-over-format": ["info", 'json:{"driver":"qcow2","file":{"driver":"raw",'
+                                        '"file":{"filename":"x.qcow2"}}}'],
+    "name-raw-over-null": ["info", 'json:{"driver":"raw","file":{"driver":"null-co",'
+                                   '"size":1048576}}'],
+    "name-null-strong": ["info", 'json:{"driver":"null-co","size":1048576,'
+                                 '"read-zeroes":true,"read-only":true}'],
+    "name-null-plain": ["info", 'json:{"driver":"null-co","latency-ns":5}'],
     "bad-convert-target-src": ["convert", "-O", "raw", "json:{", "out.raw"],
     "bad-compare": ["compare", QCOW2, "json:[]"],
 }

@@ -107,10 +107,12 @@ class RawDriver(BlockDriver):
     def refresh_filename(self) -> str | None:
         strong = {k: self.node.options[k] for k in ("offset", "size")
                   if k in self.node.options}
-        if strong:      # raw's strong_runtime_opts: a window is no plain file name
+        fname = self.file.filename()
+        # raw's strong_runtime_opts (a window) or a file without a plain name: json:
+        if strong or fname.startswith("json:"):
             from ...graph.filename import json_filename
             return json_filename("raw", strong, self.file)
-        return self.file.filename()
+        return fname
 
     @classmethod
     def create(cls, filename: str, size: int, opts: dict, secrets: dict | None = None
