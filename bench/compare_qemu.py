@@ -42,8 +42,8 @@ PBKDF_FLAKE = "Unable to get accurate CPU usage"
 
 def run_timed(argv: list[str]) -> tuple[float, float, int, float]:
     """(seconds, peak RSS MiB, exit code, CPU seconds) of one child process (run again
-    after a PBKDF_FLAKE, which comes in streaks).  CPU time (user + system, all threads) is the steadier
-    measure on a loaded machine."""
+    after a PBKDF_FLAKE, which comes in streaks).  CPU time (user + system, all
+    threads) is the steadier measure on a loaded machine."""
     for _ in range(20):
         result, err = _run_timed_once(argv)
         if PBKDF_FLAKE not in err:
@@ -168,8 +168,8 @@ QCOW2_LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time
 
 
 def qemu_img_setup(args: list[str]) -> None:
-    """Run qemu-img to prepare a case (again after a PBKDF_FLAKE, which comes in streaks)."""
-    for _ in range(5):
+    """Run qemu-img to prepare a case (again after a PBKDF_FLAKE)."""
+    for _ in range(20):
         proc = subprocess.run(["qemu-img"] + args, capture_output=True, text=True)
         if PBKDF_FLAKE not in proc.stderr:
             break
