@@ -439,28 +439,24 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         """The CRYPTO header extension branch of qcow2_read_extensions():
         qcrypto_block_open() with the "encrypt." prefix; the LUKS header lives in
         the clusters at ext[0] (ext[1] bytes)."""
-        from ..luks.driver import lookup_secret
         from ....crypto.luks import LuksBlock
         self.crypto_header = ext
-        password = None
-        if not self.node.no_io:
-            secret_id = enc.get("key-secret")
-            if secret_id is None:
-                raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
-            password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
-        self.crypto = LuksBlock.load(self._crypto_hdr_read, password)
+        self.crypto = LuksBlock.load(self._crypto_hdr_read, self._key_secret(enc))
 
     def _open_aes(self, enc: dict) -> None:
         """qcrypto_block_qcow_open(): the legacy AES key comes from the secret alone."""
-        from ..luks.driver import lookup_secret
         from ....crypto.qcow import QcowBlock
-        password = None
-        if not self.node.no_io:
-            secret_id = enc.get("key-secret")
-            if secret_id is None:
-                raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
-            password = lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
-        self.crypto = QcowBlock(password)
+        self.crypto = QcowBlock(self._key_secret(enc))
+
+    def _key_secret(self, enc: dict) -> bytes | None:
+        """The "encrypt.key-secret" passphrase (None when the node does no I/O)."""
+        if self.node.no_io:
+            return None
+        from ..luks.driver import lookup_secret
+        secret_id = enc.get("key-secret")
+        if secret_id is None:
+            raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+        return lookup_secret(getattr(self.node.graph, "secrets", None), secret_id)
 
     def _crypto_hdr_read(self, offset: int, length: int) -> bytes:
         """qcow2_crypto_hdr_read_func()."""
