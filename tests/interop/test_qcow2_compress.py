@@ -23,7 +23,7 @@ import subprocess
 
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition, rule,
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, rule,
                                  run_state_machine_as_test)
 
 import blockengine
@@ -32,6 +32,7 @@ from blockengine.drivers.format.qcow2.layout import SC_UNALLOCATED_PLAIN, SC_ZER
 from blockengine.errors import BlockError
 from blockengine.graph.graph import Graph
 from tests.interop.test_io_cli import Pair, cmds
+from tests.interop.test_qcow2_crash import close_crashed
 from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
@@ -495,12 +496,7 @@ def crash_run(path, ops, crash_after=-1, mode="drop", seed=0):
         flushed, dirty = dict(model), set()
     except BlockError:
         assert filt.crashed
-    writes = filt.writes
-    try:
-        g.close_all()
-    except BlockError:
-        pass
-    return writes, flushed, dirty
+    return close_crashed(g, filt), flushed, dirty
 
 
 def crash_verify(path, flushed, dirty, skip):

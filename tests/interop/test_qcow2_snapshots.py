@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from blockengine.errors import BlockError
 from blockengine.graph.graph import Graph
 from tests.conftest import _run
+from tests.interop.test_qcow2_crash import close_crashed
 from tests.tooling import copy_sparse, require_tool
 
 pytestmark = pytest.mark.interop
@@ -384,12 +385,7 @@ def _crash_run(path, op, crash_after, mode, seed):
             node.drv.snapshot_delete(None, name)
     except BlockError:
         assert filt.crashed
-    writes = filt.writes
-    try:
-        g.close_all()
-    except BlockError:
-        pass
-    return writes
+    return close_crashed(g, filt)
 
 
 def _contents(path, snapshot=None) -> bytes:
