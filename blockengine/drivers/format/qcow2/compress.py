@@ -52,7 +52,7 @@ def compress(data: bytes, compression_type: int) -> bytes | None:
 # qcow2-threads.c's QCOW2_MAX_THREADS: compression runs in 4 threads, as in QEMU, even
 # on fewer cores (zlib and zstd release the GIL, so they do run in parallel)
 MAX_THREADS = 4
-_pool: ThreadPoolExecutor | None = None
+_pool = None           # the ThreadPoolExecutor, made on first use
 _pool_lock = threading.Lock()
 _local = threading.local()
 

@@ -108,7 +108,6 @@ def check_create_options(opts: dict, secrets: dict | None = None) -> CreateParam
     if (cluster_size & (cluster_size - 1) or cluster_size < 512
             or cluster_size > (1 << L.MAX_CLUSTER_BITS)):
         raise InvalidArgument("Cluster size must be a power of two between 512 and 2048k")
-    cluster_bits = cluster_size.bit_length() - 1
     refcount_bits = int(opts.get("refcount_bits", 16))
     if refcount_bits > 64 or refcount_bits < 1 or refcount_bits & (refcount_bits - 1):
         raise InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits")

@@ -147,7 +147,6 @@ def do_create(size: int, fmt: str, adapter: str, backing_file: str | None,
     heads = 16 if adapter == "ide" else 255
     flat = fmt in ("monolithicFlat", "twoGbMaxExtentFlat")
     split = fmt in ("twoGbMaxExtentFlat", "twoGbMaxExtentSparse")
-    compress = fmt == "streamOptimized"
     if flat and backing_file:
         raise InvalidArgument("Flat image can't have backing file")
     if flat and zeroed_grain:
