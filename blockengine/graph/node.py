@@ -18,8 +18,7 @@ from ..drivers.base import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET
                             PreallocMode, Status)
 from ..errors import BlockError, InvalidArgument, NotSupported
 from ..io.request import (MAX_REQUEST_BYTES, align_down, align_up, check_request,
-                          check_truncate, chunks,
-                          is_aligned)
+                          check_truncate, chunks, is_aligned)
 from .child import BdrvChild, ChildRole
 from .perms import Perm
 
