@@ -13,8 +13,6 @@ lines after it), never prints.
 """
 from __future__ import annotations
 
-import re
-
 from .._record import record
 from ..errors import InvalidArgument
 from .report import PROG
@@ -71,7 +69,7 @@ def parse_opts(text: str, implied: str | None = None) -> list[tuple[str, str]]:
     """QemuOpts syntax to (key, value) pairs in order; duplicates are kept (last wins)."""
     pairs, pos, first = [], 0, True
     while pos < len(text):
-        length = len(re.match(r"[^=,]*", text[pos:]).group(0))
+        length = len(_pattern(r"[^=,]*").match(text, pos).group(0))
         if text[pos + length:pos + length + 1] != "=":
             if first and implied:
                 value, pos = _value(text, pos)
@@ -110,10 +108,17 @@ def unflatten(pairs) -> dict:
 
 # ---- sizes -----------------------------------------------------------------------------
 _SUFFIXES = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
-_INT_RE = re.compile(r"\s*([+-]?)(\d+)")
-_HEX_RE = re.compile(r"\s*([+-]?)0[xX]([0-9a-fA-F]+)")
-_FRAC_RE = re.compile(r"\.(\d*)")
-_EXP_RE = re.compile(r"[eE][+-]?\d")
+_INT = r"\s*([+-]?)(\d+)"
+_HEX = r"\s*([+-]?)0[xX]([0-9a-fA-F]+)"
+_FRAC = r"\.(\d*)"
+_EXP = r"[eE][+-]?\d"
+
+
+def _pattern(text: str):
+    """re.compile(text) (cached by re); ``re`` is loaded when a command first parses
+    an option or a number, not at every start-up."""
+    import re
+    return re.compile(text)
 
 
 class SizeError(ValueError):
@@ -131,14 +136,14 @@ def strtosz(text: str, default_suffix: str = "B") -> int:
     unit > 1, rounded to the nearest byte), one optional case-insensitive suffix,
     nothing after it; results must fit in 64 bits.
     """
-    m = _INT_RE.match(text)
+    m = _pattern(_INT).match(text)
     if not m or m.group(1) == "-":
         raise SizeError()
     val, end, frac = int(m.group(2)), m.end(), None
     if val >= 1 << 64:
         raise SizeError(overflow=True)
     if val == 0 and text[end:end + 1] in ("x", "X"):
-        h = _HEX_RE.match(text)
+        h = _pattern(_HEX).match(text)
         if not h:
             raise SizeError()
         val, end = int(h.group(2), 16), h.end()
@@ -147,9 +152,9 @@ def strtosz(text: str, default_suffix: str = "B") -> int:
         if text[end:end + 1] == ".":
             raise SizeError()
     elif text[end:end + 1] == ".":
-        f = _FRAC_RE.match(text, end)
+        f = _pattern(_FRAC).match(text, end)
         digits = f.group(1)
-        if digits and _EXP_RE.match(text, f.end()):
+        if digits and _pattern(_EXP).match(text, f.end()):
             raise SizeError()      # strtod would have read an exponent
         frac, end = digits, f.end()
     shift = _SUFFIXES.get(text[end:end + 1].upper()) if end < len(text) else None
@@ -194,14 +199,14 @@ def _prog() -> str:
 
 def parse_int(text: str) -> int | None:
     """qemu_strtoi()-style strict decimal integer, or None."""
-    m = re.fullmatch(r"\s*[+-]?\d+", text)
+    m = _pattern(r"\s*[+-]?\d+").fullmatch(text)
     return int(text) if m else None
 
 
 def parse_c_int(text: str) -> int | None:
     """strtoll()/strtoull() with base 0 over the whole string (leading blanks, a sign,
     0x hex, 0 octal, decimal), unbounded; None if the text is not such a number."""
-    m = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    m = _pattern(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)").fullmatch(text)
     if not m:
         return None
     digits = m.group(2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import struct
 import sys
 from array import array
@@ -648,6 +647,7 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         """qcow2_signal_corruption(): report, mark corrupt if fatal; raises EIO."""
         fatal = fatal and not self.node.read_only
         # QEMU formats every value with %#x, which prints zero as "0"
+        import re
         message = re.sub(r"\b0x0\b", "0", message)
         if not (self.signaled_corruption and
                 (not fatal or self.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT)):
