@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.interop.test_qcow2_compress import source_data
 from tests.tooling import require_tool
 
 from .test_interop_qsd import Both, add_raw
@@ -24,22 +25,6 @@ def both(tmp_path):
     b = Both(tmp_path)
     yield b
     b.close()
-
-
-def _source_data() -> bytes:
-    """Compressible clusters, incompressible ones and zero clusters, in 4 KiB runs."""
-    import random
-    rnd = random.Random(5)
-    out = bytearray()
-    while len(out) < SIZE:
-        kind = rnd.randrange(4)
-        if kind == 0:
-            out += bytes(4096)
-        elif kind == 1:
-            out += rnd.randbytes(4096)
-        else:
-            out += (b"block %d " % len(out)) * 512
-    return bytes(out[:SIZE])
 
 
 def _qcow2_target(both, name, **opts):
@@ -74,7 +59,7 @@ def _assert_same_targets(both, src, dst):
 
 @pytest.mark.parametrize("opts", [{}, {"compression_type": "zstd", "cluster_size": "4k"}])
 def test_backup_compress_script(both, opts):
-    both.image("src.raw", _source_data())
+    both.image("src.raw", source_data(SIZE, seed=5))
     _qcow2_target(both, "dst.qcow2", **opts)
     both.image("plain.raw")
     add_raw(both, "src", "src.raw")
@@ -97,7 +82,7 @@ def test_backup_compress_script(both, opts):
 def test_compress_filter_script(both):
     """blockdev-add {"driver": "compress"} turns a backup's plain writes into
     compressed writes; the filter refuses a child that cannot compress."""
-    both.image("src.raw", _source_data())
+    both.image("src.raw", source_data(SIZE, seed=5))
     _qcow2_target(both, "dst.qcow2")
     both.image("plain.raw")
     add_raw(both, "src", "src.raw")
