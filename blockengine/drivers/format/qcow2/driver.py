@@ -867,23 +867,26 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         # a lookup would give; one Status object for all, which the generic layer
         # recognises), so walking a huge sparse image is not a call per slice
         covered = sum(st.length for st in runs)
+        holes = self._bytes_without_l2_table(offset + covered, length - covered)
         slice_bytes = self.l2_slice_size << self.cluster_bits
-        table_slices = self.l2_size // self.l2_slice_size
-        hole = conv(slice_bytes, SC_UNALLOCATED_PLAIN, 0)
-        while length - covered >= slice_bytes and self._no_l2_table(offset + covered):
-            k = min(table_slices - ((offset + covered) // slice_bytes) % table_slices,
-                    (length - covered) // slice_bytes)
-            runs += [hole] * k      # up to the end of this L1 entry's range
-            covered += k * slice_bytes
-        if covered < length and self._no_l2_table(offset + covered):
-            runs.append(conv(length - covered, SC_UNALLOCATED_PLAIN, 0))
+        whole, rest = divmod(holes, slice_bytes)
+        runs += [conv(slice_bytes, SC_UNALLOCATED_PLAIN, 0)] * whole
+        if rest:
+            runs.append(conv(rest, SC_UNALLOCATED_PLAIN, 0))
         return runs
 
-    def _no_l2_table(self, offset: int) -> bool:
-        """Does no L2 table cover this slice-aligned offset?  (No corruption check:
-        the lookup at the offset itself signals that.)"""
-        l1_index = offset >> (self.cluster_bits + self.l2_bits)
-        return l1_index >= self.l1_size or not self.l1_table[l1_index] & L1E_OFFSET_MASK
+    def _bytes_without_l2_table(self, offset: int, limit: int) -> int:
+        """How many bytes from offset (slice-aligned, or inside a table's range), up to
+        limit, no L2 table covers: whole L1 entries at a time.  (No corruption check:
+        a lookup at an offset signals that.)"""
+        table_bytes = self.l2_size << self.cluster_bits
+        done = 0
+        while done < limit:
+            l1_index = (offset + done) >> (self.cluster_bits + self.l2_bits)
+            if l1_index < self.l1_size and self.l1_table[l1_index] & L1E_OFFSET_MASK:
+                break
+            done += table_bytes - (offset + done) % table_bytes
+        return min(done, limit)
 
     def map_packed(self, offset: int, length: int, file_id) -> tuple[bytes, int] | None:
         """`img map` entries from offset to the end of its L2 slice in one native
@@ -908,10 +911,8 @@ class Qcow2Driver(Qcow2SnapshotMixin, Qcow2BitmapMixin, RefcountMixin, ClusterMi
         if not l2_offset:
             if unallocated == N.MAP_STOP:
                 return None
-            # and the unallocated slices after it: map merges them into one entry
-            slice_bytes = self.l2_slice_size << cb
-            while length < total and self._no_l2_table(offset + length):
-                length = min(length + slice_bytes, total)
+            # and the unallocated tables after it: map merges them into one entry
+            length += self._bytes_without_l2_table(offset + length, total - length)
             return N.MAP_ENTRY.pack(offset, length, 0, N.MAP_ZERO, 0, 0, 0), length
         table = self.l2_cache.get(l2_offset + slice_no * self.l2_slice_bytes)
         return N.l2_map(table, idx, (in_cluster + length + cs - 1) >> cb, cb, offset,
